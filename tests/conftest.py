@@ -1,0 +1,224 @@
+"""Shared test helpers: a real server on a free loopback port, raw TCP peers,
+and waiting on conditions with deadlines (never sleeping to synchronise)."""
+
+import contextlib
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from a2.mychatserver import ChatServer
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_SCRIPT = ROOT / "a2" / "mychatserver.py"
+CLIENT_SCRIPT = ROOT / "a2" / "mychatclient.py"
+LOOPBACK = "127.0.0.1"
+
+
+def wait_until(predicate, timeout=5.0, message="condition"):
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(0.002)  # a poll interval, not a synchronisation point
+
+
+@contextlib.contextmanager
+def running_server(**kwargs):
+    """A real ChatServer on 127.0.0.1:<free port>, serving from a thread."""
+    kwargs.setdefault("quiet", True)
+    server = ChatServer(LOOPBACK, 0, **kwargs)
+    thread = threading.Thread(target=server.serve_forever, name="test-server", daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(5)
+        assert not thread.is_alive(), "server accept loop did not stop"
+
+
+@pytest.fixture
+def server():
+    with running_server() as server:
+        yield server
+
+
+class Peer:
+    """A raw TCP chat client, the way classmates write them: it sends bytes as
+    given and reads whatever arrives. Reads have deadlines, so no test hangs."""
+
+    def __init__(self, address, timeout=5.0):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.port = self.sock.getsockname()[1]  # the port the server prefixes us with
+        self.received = b""
+
+    def send(self, data):
+        if isinstance(data, str):
+            data = data.encode()
+        self.sock.sendall(data)
+
+    def read_until(self, predicate, timeout=5.0):
+        """Read until predicate(all bytes received so far) is true; return them."""
+        deadline = time.monotonic() + timeout
+        while not predicate(self.received):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"peer {self.port} timed out; received {self.received[-300:]!r}")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise AssertionError(f"peer {self.port}: connection closed; received {self.received[-300:]!r}")
+            self.received += chunk
+        return self.received
+
+    def expect(self, data, timeout=5.0):
+        """Wait until exactly `data` has arrived (and nothing else)."""
+        if isinstance(data, str):
+            data = data.encode()
+        self.read_until(lambda got: len(got) >= len(data), timeout)
+        assert self.received == data
+        self.received = b""
+
+    def expect_closed(self, timeout=5.0):
+        """Wait for the server to close this connection; return what came before."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            except socket.timeout:
+                raise AssertionError(f"peer {self.port}: server did not close the connection")
+            if not chunk:
+                got, self.received = self.received, b""
+                return got
+            self.received += chunk
+
+    def assert_silent(self, settle_with=None):
+        """Assert nothing has arrived. `settle_with` is a (peer, marker) pair: a
+        message relayed through the server after the events under test, so
+        once the marker reaches `peer` the server has processed everything."""
+        if settle_with is not None:
+            peer, sender, marker = settle_with
+            sender.send(marker)
+            peer.read_until(lambda got: marker.encode() in got)
+        self.sock.setblocking(False)
+        try:
+            chunk = self.sock.recv(65536)
+        except BlockingIOError:
+            chunk = None
+        finally:
+            self.sock.setblocking(True)
+        assert chunk is None, f"peer {self.port} unexpectedly received {chunk!r}"
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def peers(server):
+    """peers(n) -> n connected raw peers, all registered with the server."""
+    made = []
+
+    def connect(n=1, address=None):
+        before = server.client_count
+        new = [Peer(address or server.address) for _ in range(n)]
+        made.extend(new)
+        wait_until(lambda: server.client_count >= before + n, message=f"{n} clients registered")
+        return new
+
+    yield connect
+    for peer in made:
+        peer.close()
+
+
+class ServerProcess:
+    """`python a2/mychatserver.py` as a real process on a free port."""
+
+    LISTENING = re.compile(r"Server listening on ([\d.]+):(\d+)")
+
+    def __init__(self, *args, python_args=(), env=None, preexec_fn=None):
+        command = [sys.executable, *python_args, str(SERVER_SCRIPT), "--port", "0", *args]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, text=True, env=env,
+                                     preexec_fn=preexec_fn)
+        self.lines = []
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        match = wait_until(lambda: self._find(self.LISTENING) or self.proc.poll() is not None,
+                           timeout=15, message="server to listen")
+        if match is True:
+            raise AssertionError(f"server exited early: {self.stderr_text()}")
+        self.address = (match.group(1), int(match.group(2)))
+
+    def _collect(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def _find(self, pattern):
+        for line in list(self.lines):
+            match = pattern.search(line)
+            if match:
+                return match
+        return None
+
+    def wait_for_line(self, text, timeout=5.0):
+        return wait_until(lambda: text in self.lines, timeout, message=f"server line {text!r}")
+
+    def stderr_text(self):
+        return self.proc.stderr.read() if self.proc.poll() is not None else ""
+
+    def stop(self, sig=None, timeout=5.0):
+        """Send `sig` (default SIGINT); return (exit status, stdout lines, stderr)."""
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        self._reader.join(5)
+        err = self.proc.stderr.read()
+        self.proc.stderr.close()
+        self.proc.stdout.close()
+        return self.proc.returncode, self.lines, err
+
+
+@pytest.fixture
+def server_process():
+    started = []
+
+    def start(*args, **kwargs):
+        proc = ServerProcess(*args, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+        for stream in (proc.proc.stdout, proc.proc.stderr):
+            if not stream.closed:
+                stream.close()
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))

@@ -1,0 +1,256 @@
+"""`python a2/mychatclient.py`, driven through a pseudo-terminal as a person
+uses it, or with piped stdin, against our server and a classmate-style one."""
+
+import fcntl
+import os
+import pty
+import re
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import pytest
+
+from classmate import ClassmateServer
+from conftest import CLIENT_SCRIPT, LOOPBACK, Peer, running_server, wait_until
+
+CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
+
+
+def screen_lines(raw):
+    """What a terminal shows, roughly: escape sequences dropped, \\r\\n lines."""
+    text = CSI.sub("", raw.decode(errors="replace"))
+    return [line.split("\r")[-1] for line in text.split("\r\n")]
+
+
+class TerminalClient:
+    """The client in a pseudo-terminal that is its controlling terminal, so
+    typed Ctrl-C and Ctrl-D work exactly as for a person at a keyboard."""
+
+    def __init__(self, address):
+        master, slave = pty.openpty()
+        self.master = master
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CLIENT_SCRIPT), "--host", address[0], "--port", str(address[1])],
+            stdin=slave, stdout=slave, stderr=slave, close_fds=True, start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            env={**os.environ, "TERM": "xterm", "PYTHONUNBUFFERED": "1"})
+        os.close(slave)
+        self.output = b""
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        while True:
+            try:
+                data = os.read(self.master, 4096)
+            except OSError:  # EIO: the client exited and the terminal closed
+                return
+            if not data:
+                return
+            with self._lock:
+                self.output += data
+
+    def type(self, keys):
+        """Type at the keyboard once the client is reading it, as a person
+        would after seeing the screen (readline turns the terminal's own echo
+        off while it reads; keys typed earlier would be echoed twice)."""
+        wait_until(lambda: not termios.tcgetattr(self.master)[3] & termios.ECHO,
+                   message="client waiting for input")
+        os.write(self.master, keys.encode())
+
+    def text(self):
+        with self._lock:
+            return self.output.decode(errors="replace")
+
+    def wait_for(self, text, timeout=5):
+        wait_until(lambda: text in CSI.sub("", self.text()), timeout, message=f"client to show {text!r}")
+
+    def wait_exit(self, timeout=5):
+        status = self.proc.wait(timeout)
+        self._reader.join(5)
+        os.close(self.master)
+        return status
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def terminal_clients():
+    made = []
+
+    def start(address):
+        client = TerminalClient(address)
+        made.append(client)
+        return client
+
+    yield start
+    for client in made:
+        client.kill()
+
+
+def run_piped(address, stdin_text, timeout=10):
+    return subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--port", str(address[1])],
+                          input=stdin_text, capture_output=True, text=True, timeout=timeout)
+
+
+def test_terminal_session_send_receive_exit(server, peers, terminal_clients):
+    (other,) = peers(1)
+    client = terminal_clients(server.address)
+    client.wait_for("Connected to chat server. Type 'exit' to leave.")
+    wait_until(lambda: server.client_count == 2)
+    client.type("Hello!\r")
+    line = other.read_until(lambda got: got.endswith(b"\n")).decode()
+    port = int(line.split(":")[0])
+    assert line == f"{port}: Hello!\n"
+    other.send("Hi there\n")
+    client.wait_for(f"{other.port}: Hi there")
+    client.type("exit\r")
+    assert client.wait_exit() == 0
+    lines = [line for line in screen_lines(client.output) if line]
+    assert lines == ["Connected to chat server. Type 'exit' to leave.", "Hello!",
+                     f"{other.port}: Hi there", "exit", "Disconnected from server"]
+    wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 1)
+
+
+def test_incoming_message_does_not_clobber_half_typed_line(server, peers, terminal_clients):
+    (other,) = peers(1)
+    client = terminal_clients(server.address)
+    client.wait_for("Connected to chat server.")
+    wait_until(lambda: server.client_count == 2)
+    client.type("half-typ")
+    client.wait_for("half-typ")
+    other.send("interrupting\n")
+    client.wait_for(f"{other.port}: interrupting")
+    # The message line was written over a cleared line, then the typing redrawn.
+    assert f"\r\x1b[K{other.port}: interrupting\r\nhalf-typ" in client.text()
+    client.type("ed\r")
+    assert other.read_until(lambda got: got.endswith(b"\n")).endswith(b": half-typed\n")
+    client.type("exit\r")
+    assert client.wait_exit() == 0
+
+
+@pytest.mark.parametrize("key", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])
+def test_ctrl_d_and_ctrl_c_send_exit_and_leave(server, terminal_clients, key):
+    client = terminal_clients(server.address)
+    client.wait_for("Connected to chat server.")
+    wait_until(lambda: server.client_count == 1)
+    client.type(key)
+    assert client.wait_exit() == 0
+    assert "Disconnected from server" in client.text()
+    assert "Traceback" not in client.text()
+    wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 1)
+
+
+def test_server_closing_ends_the_client_without_enter(terminal_clients):
+    classmate = ClassmateServer()
+    try:
+        client = terminal_clients(classmate.address)
+        client.wait_for("Connected to chat server.")
+        classmate.wait_for_clients(1)
+        client.type("typing but no Enter")
+        classmate.disconnect_everyone()
+        assert client.wait_exit() == 0
+        assert screen_lines(client.output)[-2:] == ["Disconnected from server", ""]
+        assert "Traceback" not in client.text()
+    finally:
+        classmate.close()
+
+
+def test_piped_input_on_our_server(server, peers):
+    (other,) = peers(1)
+    result = run_piped(server.address, "hi\nexit\n")
+    assert result.returncode == 0
+    assert result.stdout == "Connected to chat server. Type 'exit' to leave.\nDisconnected from server\n"
+    assert result.stderr == ""
+    assert other.read_until(lambda got: got.endswith(b"\n")).endswith(b": hi\n")
+    wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 1)
+    assert server.stats()["messages_received_total"] == 1
+
+
+def test_piped_input_on_a_classmate_style_server():
+    classmate = ClassmateServer()
+    try:
+        listener = Peer(classmate.address)
+        classmate.wait_for_clients(1)
+        result = run_piped(classmate.address, "hi\nexit\n")
+        assert result.returncode == 0
+        assert result.stdout.splitlines()[-1] == "Disconnected from server"
+        port, chunk = classmate.chunks[0]
+        assert [c for _, c in classmate.chunks] == [b"hi\n", b"exit"]  # exit read on its own
+        assert classmate.exited == [port]
+        assert listener.read_until(lambda got: got.endswith(b"\n")) == f"{port}: hi\n".encode()
+        listener.close()
+    finally:
+        classmate.close()
+
+
+def test_leaves_within_a_second_when_server_never_closes():
+    classmate = ClassmateServer(close_on_exit=False)
+    try:
+        started = time.monotonic()
+        result = run_piped(classmate.address, "exit\n")
+        assert time.monotonic() - started < 1.0 + 0.5  # + interpreter start-up
+        assert result.returncode == 0
+        assert result.stdout.splitlines()[-1] == "Disconnected from server"
+        assert len(classmate.exited) == 1
+    finally:
+        classmate.close()
+
+
+def test_raw_relays_without_newline_print_on_their_own_lines(terminal_clients):
+    classmate = ClassmateServer()
+    try:
+        client = terminal_clients(classmate.address)
+        client.wait_for("Connected to chat server.")
+        talker = Peer(classmate.address)
+        classmate.wait_for_clients(2)
+        talker.send("first")
+        client.wait_for(f"{talker.port}: first")
+        talker.send("second")
+        client.wait_for(f"{talker.port}: second")
+        lines = [line for line in screen_lines(client.output) if line]
+        assert lines[-2:] == [f"{talker.port}: first", f"{talker.port}: second"]
+        client.type("exit\r")
+        assert client.wait_exit() == 0
+        talker.close()
+    finally:
+        classmate.close()
+
+
+def test_hostile_escape_sequences_never_reach_the_terminal(terminal_clients):
+    hostile = b"\x1b[2J\x1b[H\x1b]0;pwned\x07\x1b[31mred\x1b[0m\x07 \x9b2J text\n"
+    classmate = ClassmateServer(greeting=hostile + b"x" * 5000 + b"\n")
+    try:
+        client = terminal_clients(classmate.address)
+        client.wait_for("red")
+        client.wait_for("x" * 1000)
+        raw = client.output
+        for sequence in (b"\x1b[2J", b"\x1b[H", b"\x1b]0;", b"\x07", b"\x1b[31m", b"\x9b"):
+            assert sequence not in raw
+        client.type("exit\r")
+        assert client.wait_exit() == 0
+    finally:
+        classmate.close()
+
+
+def test_cannot_connect_is_one_line_and_status_1():
+    with running_server() as server:
+        address = server.address
+    result = run_piped(address, "")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == f"Could not connect to {LOOPBACK}:{address[1]}: Connection refused\n"
+
+
+def test_help():
+    result = subprocess.run([sys.executable, str(CLIENT_SCRIPT), "--help"],
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0
+    assert "--host" in result.stdout and "--port" in result.stdout

@@ -1,0 +1,199 @@
+"""MessageFramer and its helpers, without sockets (the sans-IO part).
+
+Like h11's tests: every rule is checked with the input whole, split at every
+position, and fed one byte at a time."""
+
+import pytest
+
+from a2.mychatserver import (BUFSIZE, MAX_MESSAGE_CHARS, MAX_PAYLOAD_BYTES, MessageFramer,
+                             frame, pack, sanitize, split_utf8)
+
+
+def feed_all(chunks, bursts=False):
+    """Feed chunks in order; with bursts=True each chunk ends a burst (the
+    sender paused after it), as a raw-text client's separate sends do."""
+    framer = MessageFramer()
+    messages = []
+    for chunk in chunks:
+        messages += framer.feed(chunk)
+        if bursts:
+            messages += framer.end_of_burst()
+    return framer, messages
+
+
+def splits(data):
+    """The data whole, cut in two at every position, and one byte at a time."""
+    yield [data]
+    for i in range(1, len(data)):
+        yield [data[:i], data[i:]]
+    yield [data[i:i + 1] for i in range(len(data))]
+
+
+def test_a_newline_ends_each_message_whatever_the_segmentation():
+    stream = b"Hi!\nHow are you guys doing?\r\nGood.\n"
+    for chunks in splits(stream):
+        framer, messages = feed_all(chunks)
+        assert messages == ["Hi!", "How are you guys doing?", "Good."], chunks
+        assert framer.line_mode
+
+
+def test_raw_text_without_newline_is_one_message_per_burst():
+    framer, messages = feed_all([b"Hi!", b"Hello!", b"exi", b"t?"], bursts=True)
+    assert messages == ["Hi!", "Hello!", "exi", "t?"]
+    assert not framer.line_mode and not framer.exit_requested
+
+
+def test_raw_burst_is_held_until_it_ends():
+    framer = MessageFramer()
+    assert framer.feed(b"part one, ") == []
+    assert framer.feed(b"part two") == []
+    assert framer.end_of_burst() == ["part one, part two"]
+
+
+def test_line_client_keeps_unfinished_line_across_bursts():
+    framer, messages = feed_all([b"first\nsec", b"ond\n"], bursts=True)
+    assert messages == ["first", "second"]
+
+
+def test_eof_completes_an_unterminated_message():
+    framer = MessageFramer()
+    assert framer.feed(b"one\ntwo") == ["one"]
+    assert framer.feed(b"") == ["two"]
+    assert framer.closed
+    assert framer.feed(b"more") == []
+
+
+@pytest.mark.parametrize("data", [
+    b"exit", b"EXIT", b"Exit", b" exit ", b"exit\n", b"exit\r\n", b"\texit  \n",
+])
+def test_exit_variants_end_the_session(data):
+    framer, messages = feed_all([data], bursts=True)
+    assert framer.exit_requested
+    assert messages == []
+
+
+def test_unterminated_exit_then_close_counts_as_exit():
+    framer = MessageFramer()
+    assert framer.feed(b"bye\nexit") == ["bye"]
+    assert not framer.exit_requested
+    assert framer.feed(b"") == []
+    assert framer.exit_requested
+
+
+@pytest.mark.parametrize("data", [b"exiting", b"I exit now", b"exit exit", b"exit.", b"e x i t"])
+def test_exit_is_never_matched_as_a_substring(data):
+    framer, messages = feed_all([data + b"\n"])
+    assert not framer.exit_requested
+    assert messages == [data.decode()]
+
+
+def test_messages_after_exit_are_not_relayed():
+    framer, messages = feed_all([b"last words\nexit\nafter exit\n"])
+    assert messages == ["last words"]
+    assert framer.exit_requested
+    assert framer.feed(b"more\n") == []
+
+
+def test_utf8_character_split_across_reads_survives():
+    text = "héllo wörld 👋 ok"
+    data = text.encode() + b"\n"
+    for chunks in splits(data):
+        assert feed_all(chunks)[1] == [text]
+
+
+def test_utf8_split_in_a_raw_client_burst_moves_to_the_next_message():
+    wave = "👋".encode()
+    framer, messages = feed_all([b"a" + wave[:2], wave[2:] + b"b"], bursts=True)
+    assert messages == ["a", "👋b"]
+
+
+def test_invalid_utf8_becomes_replacement_character():
+    framer, messages = feed_all([b"bad \xff\xfe bytes \xc3\n"])
+    assert messages == ["bad \ufffd\ufffd bytes \ufffd"]
+
+
+def test_empty_and_blank_messages_are_not_relayed():
+    framer, messages = feed_all([b"\n\n  \n\r\n\t\nreal\n"])
+    assert messages == ["real"]
+
+
+def test_escape_sequences_and_controls_are_removed():
+    data = (b"\x1b[2J\x1b[H\x1b]0;pwned\x07clear\x07 \x1b[31mred\x1b[0m"
+            b" \x00nul\x08 \xc2\x9b31m \x1bPdcs\x1b\\tab\tok\x7f\n")
+    assert feed_all([data])[1] == ["clear red nul 31m tab\tok"]
+
+
+def test_lone_carriage_return_cannot_overwrite_the_line():
+    assert feed_all([b"12345: fake\rreal text\n"])[1] == ["12345: fakereal text"]
+
+
+def test_two_lines_cannot_forge_another_prefix():
+    # The second line becomes a message of its own, relayed with the sender's
+    # own prefix: "51044: 12345: forged" can never pass for port 12345.
+    assert feed_all([b"hello\n12345: forged\n"])[1] == ["hello", "12345: forged"]
+
+
+def test_long_line_is_cut_at_the_same_places_however_it_arrives():
+    line = ("0123456789" * 350).encode()  # 3500 characters
+    expected = [line[i:i + MAX_MESSAGE_CHARS].decode() for i in range(0, 3500, MAX_MESSAGE_CHARS)]
+    for chunks in ([line + b"\n"], [line[i:i + BUFSIZE] for i in range(0, len(line), BUFSIZE)] + [b"\n"],
+                   [line[:1500], line[1500:] + b"\n"]):
+        assert feed_all(chunks)[1] == expected
+
+
+def test_raw_burst_longer_than_one_read_is_one_message_cut_to_fit():
+    line = b"x" * 3000
+    framer = MessageFramer()
+    messages = []
+    for i in range(0, len(line), BUFSIZE):
+        messages += framer.feed(line[i:i + BUFSIZE])
+    messages += framer.end_of_burst()
+    assert messages == ["x" * 1000] * 3
+
+
+def test_every_message_frame_fits_one_send():
+    # 4-byte characters: 1000 of them are 4000 bytes, so pieces are cut again
+    # by bytes, between characters.
+    text = "😀" * 1500
+    framer, messages = feed_all([text.encode() + b"\n"])
+    assert "".join(messages) == text
+    for message in messages:
+        assert len(frame(65535, message)) <= BUFSIZE
+    assert [len(m.encode()) for m in messages] == [1016, 1016, 1016, 952, 1016, 984]
+
+
+def test_unterminated_input_held_is_bounded():
+    framer = MessageFramer()
+    messages = framer.feed(b"y" * 5000)
+    assert messages == ["y" * 1000] * 5
+    assert not framer.has_pending
+
+
+def test_sanitize_keeps_ordinary_text_and_tab():
+    assert sanitize("plain text, ünïcode 👋\tand tab") == "plain text, ünïcode 👋\tand tab"
+    assert sanitize("\x1b[1;31mbold red\x1b[0m\x07") == "bold red"
+    assert sanitize("\x1b]8;;http://x\x1b\\link\x1b]8;;\x1b\\") == "link"
+
+
+def test_split_utf8_cuts_between_characters():
+    assert split_utf8("ab", limit=1) == ["a", "b"]
+    assert split_utf8("é" * 3, limit=3) == ["é", "é", "é"]
+    assert split_utf8("aé", limit=2) == ["a", "é"]
+    assert split_utf8("") == [""]
+    assert split_utf8("x" * MAX_PAYLOAD_BYTES) == ["x" * MAX_PAYLOAD_BYTES]
+
+
+def test_frame_is_the_assignment_format_plus_newline():
+    assert frame(51044, "Hi!") == b"51044: Hi!\n"
+    assert frame(7, "ü") == "7: ü\n".encode()
+
+
+def test_pack_joins_whole_chunks_up_to_the_limit():
+    assert pack([b"aaa", b"bb", b"c", b"dddd", b"ee"], limit=5) == [b"aaabb", b"cdddd", b"ee"]
+    assert pack([b"x" * 5, b"y"], limit=5) == [b"x" * 5, b"y"]
+    assert pack([]) == []
+    chunks = [frame(51044, "m%03d" % i) for i in range(200)]
+    packed = pack(chunks)
+    assert b"".join(packed) == b"".join(chunks)
+    assert all(len(p) <= BUFSIZE for p in packed)
+    assert all(p.endswith(b"\n") for p in packed)  # no frame is split across sends
