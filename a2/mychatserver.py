@@ -129,6 +129,11 @@ def sanitize(text):
     return _CONTROL_CHARACTER.sub("", _ESCAPE_SEQUENCE.sub("", text))
 
 
+def _is_exit(text):
+    """`exit` in any letter case, surrounding whitespace and controls ignored."""
+    return sanitize(text).strip().lower() == "exit"
+
+
 def split_utf8(text, limit=MAX_PAYLOAD_BYTES):
     """Cut text into pieces of at most `limit` UTF-8 bytes, between characters."""
     data = text.encode()
@@ -186,6 +191,14 @@ class MessageFramer:
         """True when unterminated text is waiting for a newline or a burst end."""
         return bool(self._pending)
 
+    @property
+    def wants_burst_end(self):
+        """True when end_of_burst() would complete something: a raw-text
+        client's unterminated text, or a bare "exit" from a line client."""
+        if self.line_mode:
+            return len(self._pending) < 16 and _is_exit(self._pending)
+        return bool(self._pending)
+
     def feed(self, data):
         """Take bytes received from the client; return the finished messages."""
         if self.exit_requested or self.closed:
@@ -217,8 +230,15 @@ class MessageFramer:
 
     def end_of_burst(self):
         """Nothing more is readable now: a raw-text client's burst is a message.
-        A client that has sent newlines keeps its unfinished line until the rest."""
-        if self.line_mode or self.exit_requested:
+        A client that has sent newlines keeps its unfinished line until the
+        rest arrives, unless that line is a bare "exit": most classmates'
+        servers take "exit" without a newline, so clients send it that way."""
+        if self.exit_requested:
+            return []
+        if self.line_mode:
+            if _is_exit(self._pending):
+                self._pending = ""
+                self.exit_requested = True
             return []
         return self._flush()
 
@@ -230,7 +250,7 @@ class MessageFramer:
 
     def _take_line(self, line, messages):
         """One complete line: `exit`, or text cut into pieces."""
-        if len(line) < MAX_MESSAGE_CHARS and sanitize(line).strip().lower() == "exit":
+        if len(line) < MAX_MESSAGE_CHARS and _is_exit(line):
             self.exit_requested = True
             return
         for start in range(0, len(line), MAX_MESSAGE_CHARS):
@@ -273,6 +293,9 @@ class ClientConnection:
         self.port = address[1]
         self.prefix = f"{self.port}: "
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
+        # Our writer already batches frames into full sends; Nagle's algorithm
+        # would only hold small relays back for the peer's delayed ACK (~40 ms).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._budget = server.outbound_budget
         self._high_water = server.outbound_budget // HIGH_WATER_FRACTION
         self._drained = threading.Event()  # a hint for flow control, see wait_while_backlogged
@@ -362,7 +385,7 @@ class ClientConnection:
                 arrived = time.perf_counter()
                 self.received_bytes += len(data)
                 messages = framer.feed(data)
-                if data and framer.has_pending and not framer.line_mode and not _ready_now(self.sock):
+                if data and framer.wants_burst_end and not _ready_now(self.sock):
                     messages += framer.end_of_burst()
                 if messages:
                     self.server.relay(self, messages)
@@ -431,6 +454,8 @@ class ChatServer:
         self._listener = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
         self.address = self._listener.getsockname()[:2]
         self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_writer.setblocking(False)
+        self._serve = True  # a plain flag: stop_serving() may run in a signal handler
         self._lock = threading.Lock()  # guards the registry and the totals below
         # Relay targets. Replaced (never mutated) under the lock, so relay()
         # iterates a consistent snapshot without holding any lock.
@@ -463,9 +488,9 @@ class ChatServer:
                 selector.register(self._listener, selectors.EVENT_READ)
                 selector.register(self._wake_reader, selectors.EVENT_READ)
                 self._serving.set()
-                while not self._stopping.is_set():
+                while self._serve:
                     for key, _ in selector.select():
-                        if key.fileobj is self._listener and not self._stopping.is_set():
+                        if key.fileobj is self._listener and self._serve:
                             self._accept_pending()
         finally:
             self._stopped.set()
@@ -523,6 +548,9 @@ class ChatServer:
     def relay(self, origin, messages):
         """Queue `messages` from `origin` for every other client. Never blocks:
         a client whose queue is over budget is dropped after the fan-out."""
+        if not self.quiet:  # logged first, so the transcript is in relay order
+            for message in messages:
+                log.info("%s%s", origin.prefix, message)
         frames = [frame(origin.port, message) for message in messages]
         blobs = pack(frames)  # formatted and packed once, shared by all recipients
         size = sum(map(len, frames))
@@ -540,9 +568,6 @@ class ChatServer:
                 elif status == OVER_BUDGET:
                     slow.append(client)
         origin.deliveries += recipients * len(messages)
-        if not self.quiet:
-            for message in messages:
-                log.info("%s%s", origin.prefix, message)
         for client in slow:
             log.warning("Dropping %s: more than %d bytes waiting to be sent (slow consumer)",
                         client.address, self.outbound_budget)
@@ -612,15 +637,21 @@ class ChatServer:
 
     # --- stopping --------------------------------------------------------------
 
+    def stop_serving(self):
+        """Make serve_forever() return soon. Takes no lock, so it is safe to
+        call from a signal handler that interrupted serve_forever() itself."""
+        self._serve = False
+        try:
+            self._wake_writer.send(b"x")  # wakes selector.select() at once
+        except OSError:
+            pass  # already woken (buffer full) or closed
+
     def shutdown(self):
         """Stop accepting, close every client, wait for their threads (bounded)."""
         if self._stopping.is_set():
             return
         self._stopping.set()
-        try:
-            self._wake_writer.send(b"x")  # wakes selector.select() at once
-        except OSError:
-            pass
+        self.stop_serving()
         self._stopped.wait(SHUTDOWN_GRACE)
         with self._lock:
             connections = list(self._connections)
@@ -719,10 +750,6 @@ def _describe(exc):
     return (exc.strerror or str(exc)).split(" (while attempting")[0]
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM takes the same path as Ctrl-C
-
-
 def main(argv=None):
     args = parse_args(argv)
     configure_logging()
@@ -739,22 +766,20 @@ def main(argv=None):
         if exporter is None:
             server.shutdown()
             return 1
-    # Both signals take the Ctrl-C path, installed explicitly: a shell starts
-    # background jobs with SIGINT ignored, and Python would then keep ignoring it.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    # Ctrl-C and SIGTERM ask the accept loop to return, rather than raising
+    # KeyboardInterrupt at whatever line it happens to be running. Installed
+    # explicitly: a shell starts background jobs with SIGINT ignored.
+    def stop(signum, frame):
+        server.stop_serving()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     log.info("Server listening on %s:%d", *server.address)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # interrupt the cleanup
-        server.shutdown()
-        if exporter is not None:
-            exporter.stop()
-        log.info("Server stopped")
+    server.serve_forever()
+    server.shutdown()
+    if exporter is not None:
+        exporter.stop()
+    log.info("Server stopped")
     return 0
 
 

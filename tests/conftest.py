@@ -61,7 +61,7 @@ class Peer:
     def __init__(self, address, timeout=5.0):
         self.sock = socket.create_connection(address, timeout=timeout)
         self.port = self.sock.getsockname()[1]  # the port the server prefixes us with
-        self.received = b""
+        self.received = bytearray()  # grows in place: a 5 MB read stays linear
 
     def send(self, data):
         if isinstance(data, str):
@@ -83,7 +83,7 @@ class Peer:
             if not chunk:
                 raise AssertionError(f"peer {self.port}: connection closed; received {self.received[-300:]!r}")
             self.received += chunk
-        return self.received
+        return bytes(self.received)
 
     def expect(self, data, timeout=5.0):
         """Wait until exactly `data` has arrived (and nothing else)."""
@@ -91,7 +91,7 @@ class Peer:
             data = data.encode()
         self.read_until(lambda got: len(got) >= len(data), timeout)
         assert self.received == data
-        self.received = b""
+        self.received = bytearray()
 
     def expect_closed(self, timeout=5.0):
         """Wait for the server to close this connection; return what came before."""
@@ -105,7 +105,7 @@ class Peer:
             except socket.timeout:
                 raise AssertionError(f"peer {self.port}: server did not close the connection")
             if not chunk:
-                got, self.received = self.received, b""
+                got, self.received = bytes(self.received), bytearray()
                 return got
             self.received += chunk
 

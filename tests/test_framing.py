@@ -197,3 +197,21 @@ def test_pack_joins_whole_chunks_up_to_the_limit():
     assert b"".join(packed) == b"".join(chunks)
     assert all(len(p) <= BUFSIZE for p in packed)
     assert all(p.endswith(b"\n") for p in packed)  # no frame is split across sends
+
+
+def test_bare_exit_after_lines_ends_the_session_at_burst_end():
+    # Newline messages, then "exit" with no newline (what our client sends,
+    # since most classmates' servers compare each read with "exit").
+    framer, messages = feed_all([b"hello\n", b"EXIT "], bursts=True)
+    assert messages == ["hello"]
+    assert framer.exit_requested
+
+
+def test_line_client_text_starting_with_exit_waits_for_the_rest():
+    framer = MessageFramer()
+    assert framer.feed(b"hello\nexit") == ["hello"]
+    assert framer.wants_burst_end  # the reader checks whether more is waiting...
+    assert framer.feed(b"ing now\n") == ["exiting now"]  # ...and it was
+    assert not framer.exit_requested
+    assert framer.feed(b"half a line") == []
+    assert not framer.wants_burst_end  # an unfinished line is just held

@@ -29,11 +29,11 @@ def test_transcript_matches_the_assignment_example(server_process):
         sender.send(text)
         for reader in readers:
             reader.expect(f"{sender.port}: {text}\n")
-    for peer in (c1, c2, c3):
+    for n, peer in enumerate((c1, c2, c3), 1):
         peer.send("exit")
         peer.expect_closed()
         peer.close()
-    wait_until(lambda: sum("closed (exit)" in line for line in server.lines) == 3)
+        wait_until(lambda: sum("closed (exit)" in line for line in server.lines) == n)
     status, lines, err = server.stop()
     host, port = server.address
     address = {c: f"('127.0.0.1', {c.port})" for c in (c1, c2, c3)}
@@ -61,8 +61,8 @@ def test_quiet_omits_message_lines(server_process):
     b.expect(f"{a.port}: secret\n")
     a.close()
     b.close()
-    status, lines, _ = server.stop()
-    assert status == 0
+    status, lines, err = server.stop()
+    assert (status, err) == (0, "")
     assert not any("secret" in line for line in lines)
 
 
