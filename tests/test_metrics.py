@@ -1,0 +1,487 @@
+"""Tests for the /metrics endpoint (metrics/exporter.py) against a real ChatServer.
+
+Why these tests exist: issue 4 requires every counter to equal exactly what
+happened, also with many clients at once, and requires that the server
+without --metrics-port stays stdlib-only with no second listening socket.
+Values are read the way Prometheus reads them: over HTTP, parsed with
+prometheus_client.parser.
+
+The server counts a few things just after the observable event (a sender's
+counters after its fan-out, sent bytes after sendall() returns, a disconnect
+after the connection's threads finish), so each test waits, with a deadline,
+until the scrape equals the exact expected values and then asserts equality:
+a wrong value fails with a full diff, never with a timeout alone.
+"""
+
+import itertools
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from a2.mychatserver import DISCONNECT_REASONS, LATENCY_BUCKETS, frame
+from conftest import SERVER_SCRIPT, Peer, running_server, wait_until
+from metrics.exporter import METRIC_NAMES, ChatCollector, start_metrics_server
+
+METRICS_LINE = re.compile(r"^Metrics on http://([\d.]+):(\d+)/metrics$")
+
+
+# --- helpers ------------------------------------------------------------------
+
+def fetch(url, timeout=5.0):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return response.read().decode()
+
+
+def families(text):
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def sample_key(sample):
+    labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+    return f"{sample.name}{{{labels}}}" if labels else sample.name
+
+
+def chat_values(text):
+    """Every chat_ sample except the latency histogram's: {'name{labels}': value}."""
+    return {sample_key(sample): sample.value
+            for family in text_string_to_metric_families(text) if family.name.startswith("chat_")
+            and family.type != "histogram" for sample in family.samples}
+
+
+def expected_values(*, connections, clients, max_clients, received, relayed, received_bytes,
+                    sent_bytes, backlog=0, **disconnects):
+    values = {
+        "chat_connections_total": connections,
+        "chat_clients": clients,
+        "chat_max_clients": max_clients,
+        "chat_messages_received_total": received,
+        "chat_messages_relayed_total": relayed,
+        "chat_received_bytes_total": received_bytes,
+        "chat_sent_bytes_total": sent_bytes,
+        "chat_outbound_backlog_bytes": backlog,
+    }
+    assert set(disconnects) <= set(DISCONNECT_REASONS), disconnects
+    for reason in DISCONNECT_REASONS:
+        values[f'chat_disconnects_total{{reason="{reason}"}}'] = disconnects.get(reason, 0)
+    return {key: float(value) for key, value in values.items()}
+
+
+def scrape_until(url, expected, timeout=5.0):
+    """Scrape until the chat_ values equal `expected`; then return the full text.
+    On timeout, fail with the difference between the last scrape and `expected`."""
+    last = {}
+
+    def matches():
+        nonlocal last
+        text = fetch(url)
+        last = chat_values(text)
+        return text if last == expected else None
+
+    try:
+        return wait_until(matches, timeout, message="exact metric values")
+    except AssertionError:
+        assert last == expected  # shows the diff
+        raise
+
+
+def histogram(text, name="chat_relay_latency_seconds"):
+    """(les, cumulative bucket values, count, sum) from an exposition."""
+    family = families(text)[name]
+    assert family.type == "histogram"
+    buckets = [(s.labels["le"], s.value) for s in family.samples if s.name == name + "_bucket"]
+    count = [s.value for s in family.samples if s.name == name + "_count"]
+    total = [s.value for s in family.samples if s.name == name + "_sum"]
+    assert len(count) == len(total) == 1
+    return [le for le, _ in buckets], [v for _, v in buckets], count[0], total[0]
+
+
+def assert_histogram_matches(text, stats):
+    """The exposed histogram is exactly the server's snapshot, made cumulative."""
+    les, values, count, total = histogram(text)
+    assert les == [repr(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+    assert values == [float(v) for v in itertools.accumulate(stats["relay_latency_counts"])]
+    assert count == values[-1] == stats["messages_received_total"]
+    assert total == stats["relay_latency_sum"]  # repr() round-trips a float exactly
+
+
+def listening_ports(pid):
+    """TCP ports the process `pid` is listening on (its sockets in LISTEN state)."""
+    inodes = set()
+    for link in (p.readlink() for p in Path(f"/proc/{pid}/fd").iterdir()):
+        match = re.fullmatch(r"socket:\[(\d+)\]", str(link))
+        if match:
+            inodes.add(match.group(1))
+    ports = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for line in itertools.islice(f, 1, None):
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A = TCP_LISTEN
+                    ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return sorted(ports)
+
+
+@pytest.fixture
+def metered():
+    """A factory: metered(**server_kwargs) -> (server, exporter), both stopped at teardown."""
+    stack = []
+
+    def start(**kwargs):
+        context = running_server(**kwargs)
+        server = context.__enter__()
+        stack.append(context)
+        exporter = start_metrics_server(server, port=0)
+        stack.append(exporter)
+        return server, exporter
+
+    yield start
+    for item in reversed(stack):
+        if hasattr(item, "stop"):
+            item.stop()
+        else:
+            item.__exit__(None, None, None)
+
+
+# --- the exporter in-process ------------------------------------------------------
+
+def test_fresh_server_exposes_every_family_at_zero(metered):
+    server, exporter = metered(max_clients=7)
+    text = fetch(exporter.url)
+    found = families(text)
+
+    assert [name for name in found if name.startswith("chat_")] == [
+        "chat_connections", "chat_clients", "chat_max_clients", "chat_messages_received",
+        "chat_messages_relayed", "chat_received_bytes", "chat_sent_bytes", "chat_disconnects",
+        "chat_outbound_backlog_bytes", "chat_relay_latency_seconds"]
+    assert {name: found[name].type for name in found if name.startswith("chat_")} == {
+        "chat_connections": "counter", "chat_clients": "gauge", "chat_max_clients": "gauge",
+        "chat_messages_received": "counter", "chat_messages_relayed": "counter",
+        "chat_received_bytes": "counter", "chat_sent_bytes": "counter",
+        "chat_disconnects": "counter", "chat_outbound_backlog_bytes": "gauge",
+        "chat_relay_latency_seconds": "histogram"}
+    # METRIC_NAMES (used by the docs tests) is the exposed list, as Prometheus names series.
+    assert list(METRIC_NAMES) == [name + "_total" if found[name].type == "counter" else name
+                                  for name in found if name.startswith("chat_")]
+    assert "queued for every recipient (not to the kernel)" in found["chat_relay_latency_seconds"].documentation
+
+    assert chat_values(text) == expected_values(connections=0, clients=0, max_clients=7, received=0,
+                                                relayed=0, received_bytes=0, sent_bytes=0)
+    les, values, count, total = histogram(text)
+    assert les == ["5e-05", "0.0001", "0.00025", "0.0005", "0.001", "0.0025", "0.005", "0.01",
+                   "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "+Inf"]
+    assert values == [0.0] * 15 and count == 0.0 and total == 0.0
+
+    # The client library's default collectors, on our own registry.
+    for name in ("process_cpu_seconds", "process_open_fds", "process_resident_memory_bytes",
+                 "python_info", "python_gc_objects_collected", "python_gc_collections"):
+        assert name in found, name
+
+
+def test_scripted_conversation_every_value_exact(metered):
+    server, exporter = metered(max_clients=3)
+    a, b, c = Peer(server.address), Peer(server.address), Peer(server.address)
+    wait_until(lambda: server.client_count == 3, message="3 clients")
+
+    a.send("hello\n")
+    b.expect(frame(a.port, "hello"))
+    c.expect(frame(a.port, "hello"))
+
+    b.send("one\ntwo\n")  # two lines in one send are two messages
+    for peer in (a, c):
+        peer.expect(frame(b.port, "one") + frame(b.port, "two"))
+
+    c.send("exit\n")
+    assert c.expect_closed() == b""
+    wait_until(lambda: server.client_count == 2, message="c removed")
+
+    d = Peer(server.address)  # the newcomer
+    wait_until(lambda: server.client_count == 3, message="d registered")
+    e = Peer(server.address)  # one too many: refused
+    assert e.expect_closed() == b"Server full (3 clients). Try again later.\n"
+
+    d.send("hi there\n")
+    for peer in (a, b):
+        peer.expect(frame(d.port, "hi there"))
+
+    a.send("   \n")  # whitespace only: neither counted nor relayed
+    a.send("bye\n")
+    for peer in (b, d):
+        peer.expect(frame(a.port, "bye"))  # exact: nothing for the blank line
+
+    b.close()
+    wait_until(lambda: server.client_count == 2, message="b removed")
+
+    sent = (2 * len(frame(a.port, "hello"))
+            + 2 * len(frame(b.port, "one") + frame(b.port, "two"))
+            + 2 * len(frame(d.port, "hi there"))
+            + 2 * len(frame(a.port, "bye")))
+    expected = expected_values(
+        connections=5,  # a b c d, and e which was refused
+        clients=2,      # a d
+        max_clients=3,
+        received=5,     # hello, one, two, hi there, bye
+        relayed=10,     # 2 + 2*2 + 2 + 2
+        received_bytes=len(b"hello\n" b"one\ntwo\n" b"exit\n" b"hi there\n" b"   \n" b"bye\n"),
+        sent_bytes=sent,  # relayed frames only; e's "Server full" notice is not a chat frame
+        exit=1, closed=1, rejected=1)
+    text = scrape_until(exporter.url, expected)
+    assert_histogram_matches(text, server.stats())
+    for peer in (a, d, e):
+        peer.close()
+
+
+def test_many_clients_sending_at_once_counters_exact(metered):
+    clients, messages = 16, 40
+    server, exporter = metered()
+    peers = [Peer(server.address, timeout=15) for _ in range(clients)]
+    wait_until(lambda: server.client_count == clients, message=f"{clients} clients")
+    lines = {p.port: [f"client {i} message {j}" for j in range(messages)] for i, p in enumerate(peers)}
+    inbound = {p.port: sum(len(frame(q.port, m)) for q in peers if q is not p for m in lines[q.port])
+               for p in peers}
+    start = threading.Barrier(clients + 1)
+    failures = []
+
+    def talk(peer):
+        try:
+            start.wait(10)
+            for message in lines[peer.port]:  # one send per message: many small reads
+                peer.send(message + "\n")
+            peer.read_until(lambda got: len(got) >= inbound[peer.port], timeout=15)
+        except Exception as exc:  # reported below, with the client that failed
+            failures.append((peer.port, exc))
+
+    # A scraper runs throughout: scraping under load must work, and no counter
+    # may ever go backwards (departed connections are folded in atomically).
+    stop_scraping = threading.Event()
+    scrapes = []
+
+    def scrape_continuously():
+        previous = {}
+        while not stop_scraping.is_set():
+            values = chat_values(fetch(exporter.url))
+            for key, value in values.items():
+                if key.startswith(("chat_clients", "chat_outbound_backlog_bytes", "chat_max_clients")):
+                    continue  # gauges
+                if value < previous.get(key, 0):
+                    failures.append(("scraper", f"{key} went from {previous[key]} to {value}"))
+            previous = values
+            scrapes.append(values)
+
+    threads = [threading.Thread(target=talk, args=(p,)) for p in peers]
+    scraper = threading.Thread(target=scrape_continuously)
+    for thread in threads + [scraper]:
+        thread.start()
+    start.wait(10)
+    for thread in threads:
+        thread.join(20)
+    stop_scraping.set()
+    scraper.join(10)
+    assert failures == []
+    assert len(scrapes) >= 1
+
+    for peer in peers:  # every client got every other client's lines, in each sender's order
+        got = peer.received.decode().splitlines()
+        assert len(got) == (clients - 1) * messages
+        for other in peers:
+            if other is not peer:
+                prefix = f"{other.port}: "
+                assert [g[len(prefix):] for g in got if g.startswith(prefix)] == lines[other.port]
+
+    total = clients * messages
+    expected = expected_values(
+        connections=clients, clients=clients, max_clients=server.max_clients,
+        received=total, relayed=total * (clients - 1),
+        received_bytes=sum(len(m) + 1 for ms in lines.values() for m in ms),
+        sent_bytes=sum(inbound.values()))
+    text = scrape_until(exporter.url, expected, timeout=10)
+    assert_histogram_matches(text, server.stats())
+    for peer in peers:
+        peer.close()
+
+
+def test_slow_consumer_drop_is_counted(metered):
+    """A client that never reads is dropped (reason slow_consumer); the counters
+    that are knowable exactly are exact, the others are bounded."""
+    server, exporter = metered(outbound_budget=4096)
+    sender = Peer(server.address)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill the kernel's buffers sooner
+    stuck.connect(server.address)
+    wait_until(lambda: server.client_count == 2, message="2 clients")
+
+    payload = "x" * 900
+    sent = 0
+    deadline = time.monotonic() + 10
+    while server.stats()["disconnects_total"]["slow_consumer"] == 0:
+        assert time.monotonic() < deadline, "the stuck client was never dropped"
+        sender.send((payload + "\n") * 50)
+        sent += 50
+    wait_until(lambda: server.stats()["messages_received_total"] == sent, message="all messages read")
+    wait_until(lambda: server.client_count == 1, message="stuck client removed")
+
+    stats = server.stats()
+    relayed = stats["messages_relayed_total"]  # messages queued for `stuck` before it was dropped
+    assert 0 < relayed < sent
+    assert stats["sent_bytes_total"] <= relayed * len(frame(sender.port, payload))
+    expected = expected_values(
+        connections=2, clients=1, max_clients=server.max_clients, received=sent, relayed=relayed,
+        received_bytes=sent * (len(payload) + 1), sent_bytes=stats["sent_bytes_total"],
+        slow_consumer=1)
+    scrape_until(exporter.url, expected)
+    stuck.close()
+    sender.close()
+
+
+def test_exporter_defaults_to_loopback_and_stop_closes_the_port():
+    with running_server() as server:
+        exporter = start_metrics_server(server, port=0)
+        try:
+            assert exporter.host == "127.0.0.1"
+            assert exporter.url == f"http://127.0.0.1:{exporter.port}/metrics"
+            fetch(exporter.url)
+        finally:
+            exporter.stop()
+        exporter.stop()  # idempotent
+        assert not exporter._thread.is_alive()
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", exporter.port), timeout=2).close()
+
+
+def test_two_exporters_in_one_process_do_not_clash():
+    """Own registry per exporter: nothing is registered on the global REGISTRY."""
+    with running_server() as one, running_server(max_clients=2) as two:
+        first, second = start_metrics_server(one, port=0), start_metrics_server(two, port=0)
+        try:
+            assert chat_values(fetch(first.url))["chat_max_clients"] == one.max_clients
+            assert chat_values(fetch(second.url))["chat_max_clients"] == 2.0
+        finally:
+            first.stop()
+            second.stop()
+
+
+# --- the translation, on arbitrary snapshots --------------------------------------------
+
+class FakeServer:
+    def __init__(self, stats):
+        self._stats = stats
+
+    def stats(self):
+        return self._stats
+
+
+counts = st.integers(min_value=0, max_value=2**53)
+
+
+@settings(max_examples=60, deadline=None)
+@given(scalars=st.lists(counts, min_size=9, max_size=9),
+       disconnects=st.lists(counts, min_size=len(DISCONNECT_REASONS), max_size=len(DISCONNECT_REASONS)),
+       latency=st.lists(st.integers(0, 10**9), min_size=len(LATENCY_BUCKETS) + 1,
+                        max_size=len(LATENCY_BUCKETS) + 1),
+       latency_sum=st.floats(min_value=0, max_value=1e9, allow_nan=False))
+def test_any_snapshot_round_trips_exactly(scalars, disconnects, latency, latency_sum):
+    """Whatever stats() says is what a parser reads back: integers up to 2**53
+    and the float sum survive the text format, buckets come out cumulative."""
+    keys = ("connections_total", "clients", "max_clients", "messages_received_total",
+            "messages_relayed_total", "received_bytes_total", "sent_bytes_total",
+            "outbound_backlog_bytes")
+    stats = dict(zip(keys, scalars))
+    stats.update(disconnects_total=dict(zip(DISCONNECT_REASONS, disconnects)),
+                 relay_latency_buckets=LATENCY_BUCKETS, relay_latency_counts=latency,
+                 relay_latency_sum=latency_sum, messages_received_total=sum(latency))
+    registry = CollectorRegistry()
+    registry.register(ChatCollector(FakeServer(stats)))
+    text = generate_latest(registry).decode()
+
+    assert chat_values(text) == expected_values(
+        connections=stats["connections_total"], clients=stats["clients"],
+        max_clients=stats["max_clients"], received=stats["messages_received_total"],
+        relayed=stats["messages_relayed_total"], received_bytes=stats["received_bytes_total"],
+        sent_bytes=stats["sent_bytes_total"], backlog=stats["outbound_backlog_bytes"],
+        **dict(zip(DISCONNECT_REASONS, disconnects)))
+    assert_histogram_matches(text, stats)
+
+
+def test_collector_rejects_mismatched_histogram():
+    stats = {"relay_latency_buckets": (0.1, 1.0), "relay_latency_counts": [1, 2]}  # needs 3
+    collector = ChatCollector(FakeServer(dict.fromkeys(
+        ("connections_total", "clients", "max_clients", "messages_received_total",
+         "messages_relayed_total", "received_bytes_total", "sent_bytes_total",
+         "outbound_backlog_bytes"), 0) | {"disconnects_total": {}, "relay_latency_sum": 0.0} | stats))
+    with pytest.raises(ValueError, match="2 latency buckets but 2 counts"):
+        collector.collect()
+
+
+# --- the real command line ---------------------------------------------------------------
+
+def test_server_process_serves_metrics(server_process):
+    proc = server_process("--metrics-port", "0", "--quiet")
+    match = next(filter(None, map(METRICS_LINE.match, proc.lines)))
+    assert match.group(1) == "127.0.0.1"  # loopback by default
+    url = f"http://127.0.0.1:{match.group(2)}/metrics"
+    # Two listening sockets: the chat port and the metrics port, nothing else.
+    assert listening_ports(proc.proc.pid) == sorted([proc.address[1], int(match.group(2))])
+
+    a, b = Peer(proc.address), Peer(proc.address)
+    wait_until(lambda: chat_values(fetch(url))["chat_clients"] == 2, message="2 clients registered")
+    a.send("ping\n")
+    b.expect(frame(a.port, "ping"))
+    b.send("exit\n")
+    b.expect_closed()
+    text = scrape_until(url, expected_values(
+        connections=2, clients=1, max_clients=10_000, received=1, relayed=1,
+        received_bytes=len(b"ping\nexit\n"), sent_bytes=len(frame(a.port, "ping")), exit=1))
+    assert "python_info" in families(text)
+    a.close()
+
+    rc, lines, err = proc.stop()
+    assert rc == 0, err
+    assert lines[-1] == "Server stopped"
+    assert err == ""
+
+
+def test_server_without_metrics_port_is_stdlib_only(server_process):
+    """-X importtime makes the real server list every module it imports on stderr."""
+    proc = server_process(python_args=("-X", "importtime"))
+    assert listening_ports(proc.proc.pid) == [proc.address[1]]  # no second socket
+    assert not any("Metrics on" in line for line in proc.lines)
+    rc, _, err = proc.stop()
+    assert rc == 0
+    imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert {"socket", "selectors", "threading"} <= imported  # the listing worked
+    assert sorted(m for m in imported if m.split(".")[0] in ("prometheus_client", "metrics")) == []
+
+
+def test_metrics_port_without_prometheus_client_exits_1():
+    """python -S: no site-packages, so prometheus_client cannot be imported."""
+    result = subprocess.run([sys.executable, "-S", str(SERVER_SCRIPT), "--port", "0", "--metrics-port", "0"],
+                            capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert "No module named 'prometheus_client'" in result.stderr
+    assert result.stderr.rstrip().endswith("pip install -r requirements.txt")
+
+
+def test_metrics_port_in_use_exits_1():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--port", "0", "--metrics-port", str(port)],
+                                capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Cannot serve metrics on 127.0.0.1:{port}: ")
+    assert len(result.stderr.splitlines()) == 1
