@@ -1,0 +1,201 @@
+"""End-to-end tests of the load generator: `locust -f loadtest/chatusers.py`
+run headless, as a subprocess, against the real server and against
+tests/fault_relay.py.
+
+Why subprocesses: the locustfile monkey-patches the standard library with
+gevent on import, which would break the threads of the in-process servers
+other tests use. So it is never imported here; Locust runs it, from the same
+interpreter (sys.executable), and the tests read its exit code, its summary
+and its --csv files.
+
+Each run is a few seconds of tens of users: enough traffic (thousands of
+deliveries) that a fault injected into one delivery in 200 is certain to
+show, short enough that the file takes well under a minute on two cores.
+"""
+
+import contextlib
+import csv
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from conftest import LOOPBACK, ROOT, wait_until
+
+LOCUSTFILE = ROOT / "loadtest" / "chatusers.py"
+FAULT_RELAY = ROOT / "tests" / "fault_relay.py"
+LISTENING = re.compile(r"Server listening on ([\d.]+):(\d+)")
+
+USERS = 20
+# 20 users at ~10 messages/s each: ~200 messages/s, ~3,800 deliveries/s.
+TRAFFIC = ["--chat-wait", "0.1", "--chat-churn", "0.05", "--chat-message-size", "100"]
+DELIVERY_FAULTS = {"lost message", "duplicate message", "reordered message", "bad frame",
+                   "wrong port", "echoed message", "unexpected disconnect"}
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+class LocustRun:
+    """The outcome of one headless Locust run."""
+
+    def __init__(self, returncode, output, csv_prefix):
+        self.returncode = returncode
+        self.output = output
+        self.stats = self._read(f"{csv_prefix}_stats.csv")
+        self.failures = self._read(f"{csv_prefix}_failures.csv")
+
+    @staticmethod
+    def _read(path):
+        with open(path, newline="") as file:
+            return list(csv.DictReader(file))
+
+    def requests(self, name):
+        """(request count, failure count) of one CHAT row of the stats table."""
+        for row in self.stats:
+            if row["Type"] == "CHAT" and row["Name"] == name:
+                return int(row["Request Count"]), int(row["Failure Count"])
+        return 0, 0
+
+    @property
+    def total_failures(self):
+        return sum(int(row["Failure Count"]) for row in self.stats if row["Name"] == "Aggregated")
+
+    @property
+    def failure_names(self):
+        return {row["Name"] for row in self.failures}
+
+    def summary(self):
+        """The counters of the 'Chat delivery check' block, as {label: int}."""
+        block = self.output[self.output.index("Chat delivery check"):]
+        return {label.strip(): int(value)
+                for label, value in re.findall(r"^  ([a-z ]+?)\s+(\d+)$", block, re.MULTILINE)}
+
+    def __repr__(self):  # what a failing assertion shows
+        return f"<LocustRun exit {self.returncode}>\n{self.output[-6000:]}"
+
+
+def run_locust(address, tmp_path, *extra, users=USERS, run_time="3s", timeout=40):
+    """Run the load test headless against `address`; always reap the whole
+    process group (--processes forks workers), even if the test fails."""
+    csv_prefix = tmp_path / "run"
+    command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+               "-u", str(users), "-r", str(users), "-t", run_time,
+               "--host", f"tcp://{address[0]}:{address[1]}", "--csv", str(csv_prefix),
+               "--only-summary", "--web-host", LOOPBACK, *TRAFFIC, *extra]
+    log_path = tmp_path / "locust.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # workers too, if any are left
+            proc.wait()
+    return LocustRun(returncode, log_path.read_text(), csv_prefix)
+
+
+@contextlib.contextmanager
+def fault_relay(fault, every=200):
+    """tests/fault_relay.py on a free loopback port; yields its address."""
+    proc = subprocess.Popen([sys.executable, str(FAULT_RELAY), "--port", "0", "--fault", fault,
+                             "--every", str(every)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: lines or proc.poll() is not None, timeout=15, message="fault relay to listen")
+        match = LISTENING.search(lines[0]) if lines else None
+        assert match, f"fault relay did not start: {lines}"
+        yield match.group(1), int(match.group(2))
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join(5)
+        proc.stdout.close()
+
+
+def assert_clean(run):
+    assert run.returncode == 0, run
+    assert "RESULT: PASS" in run.output, run
+    assert run.failures == [], run
+    assert run.total_failures == 0, run
+    broadcasts, broadcast_failures = run.requests("broadcast")
+    assert broadcasts > 1000 and broadcast_failures == 0, run
+    summary = run.summary()
+    assert summary["delivered"] == summary["expected deliveries"] == broadcasts, run
+    assert summary["lost"] == summary["duplicates"] == summary["reordered"] == 0, run
+    assert summary["messages sent"] == run.requests("send")[0] > 0, run
+
+
+def test_clean_run_against_the_real_server(server_process, tmp_path):
+    server = server_process("--quiet")
+    run = run_locust(server.address, tmp_path)
+    assert_clean(run)
+    connects, connect_failures = run.requests("connect")
+    exits, exit_failures = run.requests("exit")
+    assert connect_failures == exit_failures == 0, run
+    # Churn happened: users left (exit, closed by the server) and came back.
+    assert connects > USERS and exits > USERS, run
+    assert server.proc.poll() is None, "the server died under the load test"
+
+
+@pytest.mark.parametrize("fault, failure_name", [
+    ("drop", "lost message"),
+    ("duplicate", "duplicate message"),
+    ("reorder", "reordered message"),
+])
+def test_injected_faults_fail_the_run_and_are_named(fault, failure_name, tmp_path):
+    with fault_relay(fault, every=200) as address:
+        run = run_locust(address, tmp_path, run_time="2s")
+    assert run.returncode == 1, run
+    # The fault is named, and it is the only kind of failure: nothing else
+    # (no other fault, no disconnect) was reported by mistake.
+    assert run.failure_names == {failure_name}, run
+    assert run.requests(failure_name)[1] > 0, run
+    assert "RESULT: FAIL" in run.output, run
+    assert run.requests("broadcast")[0] > 0, run
+
+
+def test_latency_target_fails_the_run(tmp_path):
+    # fault_relay with no fault: a correct relay, so no delivery failures; but
+    # no relay answers within a microsecond, so the p99 target fails the run.
+    with fault_relay("none") as address:
+        run = run_locust(address, tmp_path, "--chat-latency-target", "0.001", run_time="2s")
+    assert run.returncode == 1, run
+    assert run.failures == [], run
+    assert "above the 0.001 ms target" in run.output, run
+
+
+def test_two_processes_against_the_real_server(server_process, tmp_path):
+    server = server_process("--quiet")
+    master_port = str(free_port())
+    run = run_locust(server.address, tmp_path, "--processes", "2",
+                     "--master-bind-host", LOOPBACK, "--master-bind-port", master_port,
+                     "--master-port", master_port)
+    assert "2 workers connected" in run.output, run
+    assert_clean(run)
+
+
+def test_two_processes_report_losses_to_the_master(tmp_path):
+    # Senders and receivers are spread over two worker processes: losses found
+    # in either worker reach the master's summary and its exit code.
+    master_port = str(free_port())
+    with fault_relay("drop", every=200) as address:
+        run = run_locust(address, tmp_path, "--processes", "2",
+                         "--master-bind-host", LOOPBACK, "--master-bind-port", master_port,
+                         "--master-port", master_port, run_time="2s")
+    assert run.returncode == 1, run
+    assert run.failure_names == {"lost message"}, run
+    assert run.summary()["lost"] == run.requests("lost message")[1] > 0, run
