@@ -254,3 +254,33 @@ def test_help():
                             capture_output=True, text=True, timeout=10)
     assert result.returncode == 0
     assert "--host" in result.stdout and "--port" in result.stdout
+
+
+def test_three_clients_reproduce_the_assignment_example(server_process, terminal_clients):
+    server = server_process()
+    clients = []
+    for n in range(1, 4):
+        client = terminal_clients(server.address)
+        client.wait_for("Connected to chat server. Type 'exit' to leave.")
+        wait_until(lambda: sum(line.startswith("New connection") for line in server.lines) == n)
+        clients.append(client)
+    ports = [int(re.search(r", (\d+)\)", line).group(1))
+             for line in server.lines if line.startswith("New connection")]
+    script = [(0, "Hi!"), (1, "Hello!"), (2, "How are you guys doing?"), (1, "Good.")]
+    for sender, text in script:
+        clients[sender].type(text + "\r")
+        for other in range(3):
+            if other != sender:
+                clients[other].wait_for(f"{ports[sender]}: {text}")
+    for client in clients:
+        client.type("exit\r")
+        assert client.wait_exit() == 0
+    for me, client in enumerate(clients):
+        expected = ["Connected to chat server. Type 'exit' to leave."]
+        expected += [text if sender == me else f"{ports[sender]}: {text}" for sender, text in script]
+        expected += ["exit", "Disconnected from server"]
+        assert [line for line in screen_lines(client.output) if line] == expected
+    wait_until(lambda: sum("closed (exit)" in line for line in server.lines) == 3)
+    status, lines, err = server.stop()
+    assert status == 0 and err == ""
+    assert lines[4:8] == [f"{ports[sender]}: {text}" for sender, text in script]

@@ -201,3 +201,30 @@ def test_max_clients_refuses_newcomers_with_a_notice():
         wait_until(lambda: server.stats()["disconnects_total"]["rejected"] == 1)
         for peer in (a, b, extra):
             peer.close()
+
+
+def test_thread_start_failure_refuses_that_client_and_keeps_serving(monkeypatch):
+    # The OS refusing a new thread ("can't start new thread") is simulated at
+    # the one call that starts a client's threads; everything else is real.
+    from a2 import mychatserver
+    real_start = mychatserver.ClientConnection.start
+    failures = []
+
+    def start_or_fail(connection):
+        if not failures:
+            failures.append(connection.port)
+            raise RuntimeError("can't start new thread")
+        real_start(connection)
+
+    monkeypatch.setattr(mychatserver.ClientConnection, "start", start_or_fail)
+    with running_server() as server:
+        refused = Peer(server.address)
+        assert refused.expect_closed() == b""
+        assert failures == [refused.port]
+        a, b = Peer(server.address), Peer(server.address)
+        wait_until(lambda: server.client_count == 2)
+        a.send("after the failure\n")
+        b.expect(f"{a.port}: after the failure\n")
+        wait_until(lambda: server.stats()["disconnects_total"]["rejected"] == 1)
+        for peer in (refused, a, b):
+            peer.close()
