@@ -284,3 +284,20 @@ def test_three_clients_reproduce_the_assignment_example(server_process, terminal
     status, lines, err = server.stop()
     assert status == 0 and err == ""
     assert lines[4:8] == [f"{ports[sender]}: {text}" for sender, text in script]
+
+
+def test_long_typed_line_is_split_into_writes_of_at_most_1024_bytes():
+    from a2.mychatclient import encode_message
+    assert encode_message("hi") == [b"hi\n"]
+    writes = encode_message("é" * 1000)  # 2000 bytes
+    assert [len(w) for w in writes] == [1023, 979]
+    assert all(w.endswith(b"\n") for w in writes)
+    assert b"".join(w[:-1] for w in writes).decode() == "é" * 1000
+    assert encode_message("x" * 1023) == [b"x" * 1023 + b"\n"]  # exactly 1024 bytes
+    assert encode_message("x" * 1024) == [b"x" * 1023 + b"\n", b"x\n"]
+
+
+def test_client_sanitize_keeps_text_tab_and_newline():
+    from a2.mychatclient import sanitize
+    assert sanitize("a\tb\nc") == "a\tb\nc"
+    assert sanitize("\x1b[2J\x1b]0;t\x07x\r\x07\x9by") == "xy"
