@@ -50,15 +50,18 @@ CONNECT_TIMEOUT = 10.0  # seconds; a server that does not answer is reported
 SEND_GAP = 0.05   # seconds between writes, so raw-chunk servers read each alone
 EXIT_GRACE = 0.5  # seconds to let the server close us after "exit"
 EXIT_COMMAND = "exit"
+MAX_UNFINISHED = 4096  # characters of a line without newline held before showing it anyway
 WAKE_RETRY = 0.2  # seconds between wake-ups of the input loop, see server_closed
 
 # Escape sequences, then every control character except TAB and newline:
 # what a hostile server or client sends cannot drive this terminal.
+# An unterminated string sequence stops at a newline: it must not swallow
+# the messages that follow it in the same read.
 _ESCAPE_SEQUENCE = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]?"            # CSI
-    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC, ended by BEL or ST
-    r"|\x1b[PX^_][^\x1b]*(?:\x1b\\)?"     # DCS, SOS, PM, APC strings
-    r"|\x1b.?",                           # any other escape
+    r"\x1b\[[0-?]*[ -/]*[@-~]?"              # CSI
+    r"|\x1b\][^\x07\x1b\n]*(?:\x07|\x1b\\)?"  # OSC, ended by BEL or ST
+    r"|\x1b[PX^_][^\x1b\n]*(?:\x1b\\)?"     # DCS, SOS, PM, APC strings
+    r"|\x1b.?",                             # any other escape
     re.DOTALL,
 )
 _CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
@@ -167,8 +170,10 @@ class ChatClient:
                 lines = text.split("\n")
                 partial = lines.pop()
                 # Servers that send no newline end each relay with the write:
-                # an unfinished line is complete once nothing more is waiting.
-                if partial and not _readable_now(self.sock):
+                # an unfinished line is complete once nothing more is waiting,
+                # or once it is long (a line that never ends still shows, in
+                # pieces, and costs bounded memory).
+                if partial and (len(partial) >= MAX_UNFINISHED or not _readable_now(self.sock)):
                     lines.append(partial)
                     partial = ""
                 lines = [line for line in lines if line.strip()]

@@ -1,0 +1,254 @@
+"""Helpers shared by the reliability tests (fuzz, soak, limits, shutdown,
+client resilience): a server process whose stderr is read as it arrives,
+/proc probes of a process and of loopback TCP queues, a socket drained by a
+thread, and a scripted hostile server for the client."""
+
+import os
+import re
+import socket
+import threading
+
+import pytest
+
+from conftest import LOOPBACK, ServerProcess, wait_until
+
+# What must never be relayed or shown: C0 controls except TAB (and LF, which
+# only ends a frame), DEL, and the C1 controls U+0080-U+009F.
+FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+FRAME = re.compile(rb"(\d+): ([^\n]*)\n")
+
+
+def soak_seconds(default=60.0):
+    """How long the churn soak runs: CHAT_SOAK_SECONDS (quick runs use e.g. 5)."""
+    return float(os.environ.get("CHAT_SOAK_SECONDS", default))
+
+
+# --- a server process with live stderr ---------------------------------------
+
+class LiveServerProcess(ServerProcess):
+    """ServerProcess that also collects stderr line by line as it arrives, so
+    a test can wait for a warning ("Cannot accept ...") while the server runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.errors = []
+        self._error_reader = threading.Thread(target=self._collect_errors, daemon=True)
+        self._error_reader.start()
+
+    def _collect_errors(self):
+        for line in self.proc.stderr:
+            self.errors.append(line.rstrip("\n"))
+
+    def count(self, text, stream=None):
+        return sum(text in line for line in list(self.lines if stream is None else stream))
+
+    def wait_for_error(self, text, timeout=5.0):
+        return wait_until(lambda: any(text in line for line in list(self.errors)), timeout,
+                          message=f"server stderr line containing {text!r}")
+
+    def wait_for_count(self, text, n, timeout=5.0):
+        """Wait until at least `n` stdout lines contain `text`."""
+        return wait_until(lambda: self.count(text) >= n, timeout,
+                          message=f"{n} server lines with {text!r} (have {self.count(text)})")
+
+    def stop(self, sig=None, timeout=5.0):
+        """Signal (default SIGINT), wait; return (status, stdout lines, stderr text)."""
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig or signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        finally:
+            self.kill()
+        return self.proc.returncode, self.lines, "\n".join(self.errors)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        self._error_reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if not stream.closed:
+                stream.close()
+
+
+@pytest.fixture
+def live_server():
+    """live_server(*args, python_args=(), env=None, preexec_fn=None) -> LiveServerProcess;
+    every one started is killed at teardown if the test did not stop it."""
+    started = []
+
+    def start(*args, **kwargs):
+        server = LiveServerProcess(*args, **kwargs)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()
+
+
+# --- /proc probes ------------------------------------------------------------------
+
+def process_usage(pid):
+    """(threads, open descriptors, resident set in KiB) of a process."""
+    threads = rss = None
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("Threads:"):
+                threads = int(line.split()[1])
+            elif line.startswith("VmRSS:"):
+                rss = int(line.split()[1])
+    return threads, len(os.listdir(f"/proc/{pid}/fd")), rss
+
+
+def cpu_seconds(pid):
+    """User + system CPU time a process has used so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tcp_queues(local_port, remote_port):
+    """(send queue, receive queue) in bytes of the loopback TCP socket
+    127.0.0.1:local_port -> 127.0.0.1:remote_port, from /proc/net/tcp;
+    None if there is no such socket."""
+    local = f"0100007F:{local_port:04X}"
+    remote = f"0100007F:{remote_port:04X}"
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[1] == local and fields[2] == remote:
+                tx, rx = fields[4].split(":")
+                return int(tx, 16), int(rx, 16)
+    return None
+
+
+# --- reading a socket from a thread ------------------------------------------------
+
+class Drain:
+    """A connected socket whose incoming bytes a thread collects (or discards),
+    so that the server never sees this client as a slow consumer."""
+
+    def __init__(self, sock, keep=True):
+        self.sock = sock
+        self.port = sock.getsockname()[1]
+        self.keep = keep
+        self.total = 0
+        self._data = bytearray()
+        self._lock = threading.Lock()
+        self.closed = threading.Event()  # EOF or reset seen
+        self._thread = threading.Thread(target=self._run, name=f"drain-{self.port}", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def connect(cls, address, keep=True):
+        return cls(socket.create_connection(address, timeout=10), keep)
+
+    def _run(self):
+        self.sock.settimeout(None)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    break
+                with self._lock:
+                    self.total += len(chunk)
+                    if self.keep:
+                        self._data += chunk
+        except OSError:
+            pass
+        self.closed.set()
+
+    def data(self):
+        with self._lock:
+            return bytes(self._data)
+
+    def wait(self, predicate, timeout=10.0, message="data"):
+        """Wait until predicate(bytes so far) holds."""
+        return wait_until(lambda: predicate(self.data()), timeout, message=f"{self.port}: {message}")
+
+    def send(self, data):
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(5)
+        self.sock.close()
+
+
+def parse_frames(data, receiver_port=None):
+    """Split relayed bytes into (port, text) frames, checking every frame on the
+    way: "PORT: text\\n", valid UTF-8, at most one 1024-byte send, no control
+    character, never the receiver's own message."""
+    frames = []
+    position = 0
+    for match in FRAME.finditer(data):
+        assert match.start() == position, f"unframed bytes {data[position:match.start()][:80]!r}"
+        position = match.end()
+        assert len(match.group(0)) <= 1024, f"frame of {len(match.group(0))} bytes"
+        port, text = int(match.group(1)), match.group(2).decode()  # strict: must be UTF-8
+        assert not FORBIDDEN.search(text), f"control character relayed: {text[:80]!r}"
+        assert text.strip(), "blank message relayed"
+        assert port != receiver_port, "a message was echoed to its sender"
+        frames.append((port, text))
+    assert position == len(data), f"trailing partial frame {data[position:][:80]!r}"
+    return frames
+
+
+# --- a scripted server, for the client ---------------------------------------------
+
+class ScriptedServer:
+    """A listening socket on loopback whose every accepted connection is handed
+    to `script(conn)` in a thread: the hostile or broken server a client meets."""
+
+    def __init__(self, script, backlog=16):
+        self.script = script
+        self.listener = socket.create_server((LOOPBACK, 0), backlog=backlog)
+        self.address = self.listener.getsockname()
+        self.connections = []
+        self._threads = []
+        self._lock = threading.Lock()
+        self._accepting = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accepting.start()
+
+    def _accept_loop(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections.append(conn)
+            thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run(self, conn):
+        try:
+            self.script(conn)
+        except OSError:
+            pass
+
+    def close(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+        self._accepting.join(5)
+        with self._lock:
+            connections = list(self.connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            conn.close()
+        for thread in self._threads:
+            thread.join(5)

@@ -1,0 +1,375 @@
+"""The client against servers that die, lie, flood or say nothing: it never
+hangs, never crashes with a traceback, and never passes a control sequence
+from the server to the terminal. Driven through a pseudo-terminal (as a
+person uses it) or with piped stdin (as a script does)."""
+
+import random
+import re
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import CLIENT_SCRIPT, LOOPBACK, Peer, wait_until
+from reliability_helpers import FORBIDDEN, ScriptedServer, live_server  # noqa: F401 (fixture)
+from test_client import CSI, TerminalClient, screen_lines, terminal_clients  # noqa: F401 (fixture)
+from test_properties import SPECIAL_TOKENS
+
+CONNECTED = "Connected to chat server. Type 'exit' to leave."
+DISCONNECTED = "Disconnected from server"
+# What the client itself writes to a terminal: clear the line being typed
+# before showing messages; readline's bracketed-paste mode switches.
+CLIENT_OWN_SEQUENCES = re.compile(rb"\r\x1b\[K|\x1b\[\?2004[hl]")
+C1_UTF8 = re.compile(rb"\xc2[\x80-\x9f]")
+
+
+class PipedClient:
+    """The client with stdin and stdout as pipes; stdin stays open (a script
+    still typing) until the test closes it. Output is collected as it comes."""
+
+    def __init__(self, address):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CLIENT_SCRIPT), "--host", address[0], "--port", str(address[1])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.out = bytearray()
+        self.err = bytearray()
+        self._lock = threading.Lock()
+        self._readers = [threading.Thread(target=self._collect, args=(stream, buffer), daemon=True)
+                         for stream, buffer in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for reader in self._readers:
+            reader.start()
+
+    def _collect(self, stream, buffer):
+        while chunk := stream.read1(65536):
+            with self._lock:
+                buffer += chunk
+
+    def output(self):
+        with self._lock:
+            return bytes(self.out)
+
+    def wait_for(self, text, timeout=5):
+        wait_until(lambda: text.encode() in self.output(), timeout, message=f"client output {text!r}")
+
+    def type(self, line):
+        self.proc.stdin.write(line.encode())
+        self.proc.stdin.flush()
+
+    def wait_exit(self, timeout):
+        """Exit status; fails (and kills the client) if it does not exit in time."""
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"client still running after {timeout}s; output ends "
+                                 f"{self.output()[-200:]!r}")
+        for reader in self._readers:
+            reader.join(5)
+        return status
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            try:
+                stream.close()
+            except OSError:
+                pass  # stdin: the client is gone (broken pipe)
+
+
+@pytest.fixture
+def piped_clients():
+    made = []
+
+    def start(address):
+        client = PipedClient(address)
+        made.append(client)
+        return client
+
+    yield start
+    for client in made:
+        client.kill()
+
+
+def hostile_stream(seed, size):
+    """Escape sequences, controls, broken UTF-8 and noise, with markers of
+    printable text between them that must survive."""
+    rng = random.Random(seed)
+    parts, markers = [], []
+    while sum(map(len, parts)) < size:
+        roll = rng.random()
+        if roll < 0.55:
+            parts.append(rng.choice(SPECIAL_TOKENS))
+        elif roll < 0.9:
+            parts.append(rng.randbytes(rng.randint(1, 40)))
+        else:
+            marker = f"MARKER-{len(markers)}"
+            markers.append(marker)
+            parts.append(b"\n" + marker.encode() + b"\n")
+    return b"".join(parts), markers
+
+
+def assert_clean_screen(raw):
+    """Nothing from the server that drives a terminal: after the client's own
+    sequences, no ESC, BEL or other C0 control but CR/LF/TAB, no C1 control
+    (raw or as UTF-8)."""
+    rest = CLIENT_OWN_SEQUENCES.sub(b"", raw)
+    assert b"\x1b" not in rest, rest[rest.index(b"\x1b") - 20:rest.index(b"\x1b") + 20]
+    assert not re.search(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", rest)
+    assert not C1_UTF8.search(rest)
+    text = rest.decode()  # the client writes valid UTF-8 only
+    assert not FORBIDDEN.search(text.replace("\r", ""))
+
+
+def reset(sock):
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+# --- the server dies ---------------------------------------------------------------
+
+def test_server_killed_mid_conversation_terminal(live_server, terminal_clients):
+    server = live_server("--quiet")
+    other = Peer(server.address)
+    client = terminal_clients(server.address)
+    client.wait_for(CONNECTED)
+    server.wait_for_count("New connection", 2)
+    client.type("hello\r")
+    assert other.read_until(lambda got: got.endswith(b"hello\n")).endswith(b": hello\n")
+    other.send("hi back\n")
+    client.wait_for(f"{other.port}: hi back")
+    client.type("half-typed, no Enter")
+    server.proc.kill()  # SIGKILL: no goodbye, the kernel closes its sockets
+    started = time.monotonic()
+    assert client.wait_exit(timeout=5) == 0
+    assert time.monotonic() - started < 2.0
+    assert screen_lines(client.output)[-2:] == [DISCONNECTED, ""]
+    assert "Traceback" not in client.text()
+    assert_clean_screen(client.output)
+    other.close()
+
+
+def test_server_killed_while_a_piped_client_is_sending(live_server, piped_clients):
+    server = live_server("--quiet")
+    listener = Peer(server.address)
+    client = piped_clients(server.address)
+    client.wait_for(CONNECTED)
+    server.wait_for_count("New connection", 2)
+    stop = threading.Event()
+
+    def keep_typing():
+        for i in range(100_000):
+            if stop.is_set():
+                return
+            try:
+                client.type(f"line {i}\n")
+            except OSError:  # the client exited: its stdin is closed
+                return
+            stop.wait(0.01)
+
+    typist = threading.Thread(target=keep_typing)
+    typist.start()
+    listener.read_until(lambda got: got.count(b"\n") >= 3)
+    server.proc.kill()
+    try:
+        assert client.wait_exit(timeout=5) == 0
+    finally:
+        stop.set()
+        typist.join(5)
+    assert client.output().decode().endswith(f"\n{DISCONNECTED}\n")
+    assert client.err == b""
+    listener.close()
+
+
+# --- the server lies -----------------------------------------------------------------
+
+def is_in_order_subset(shown, sent):
+    """Every shown line was sent, once, in the order sent (some may be
+    missing: an unterminated OSC/DCS/APC string hides text, as on a terminal)."""
+    position = 0
+    for line in shown:
+        position = sent.index(line, position) + 1  # ValueError: invented or reordered
+    return True
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_garbage_and_escape_sequences_never_reach_stdout(piped_clients, ending):
+    seed = random.randrange(2**32)
+    print(f"seed {seed}")
+    stream, markers = hostile_stream(seed, 100_000)
+    go = threading.Event()
+
+    def script(conn):
+        go.wait(10)
+        position = 0
+        rng = random.Random(seed)
+        while position < len(stream):  # in odd-sized writes, splitting sequences and characters
+            size = rng.choice([1, 3, 1023, 1024, 1025, 4096])
+            conn.sendall(stream[position:position + size])
+            position += size
+        conn.sendall(b"\nLAST\n")
+        if ending == "reset":
+            reset(conn)
+        else:
+            conn.close()
+
+    server = ScriptedServer(script)
+    try:
+        client = piped_clients(server.address)
+        client.wait_for(CONNECTED)
+        go.set()
+        assert client.wait_exit(timeout=10) == 0
+        out = client.output()
+        assert client.err == b""
+        assert_clean_screen(out)
+        lines = out.decode().split("\n")
+        assert lines[0] == CONNECTED and lines[-2:] == [DISCONNECTED, ""]
+        shown = [line for line in lines if line.startswith("MARKER-") or line == "LAST"]
+        assert shown and is_in_order_subset(shown, markers + ["LAST"])
+    finally:
+        go.set()
+        server.close()
+
+
+def test_escape_sequences_never_reach_the_terminal(terminal_clients):
+    seed = random.randrange(2**32)
+    print(f"seed {seed}")
+    stream, markers = hostile_stream(seed, 50_000)
+    done = threading.Event()
+
+    def script(conn):
+        conn.sendall(stream + b"\nLAST\n\x1b\\\nREALLY LAST\n")
+        done.wait(10)
+
+    server = ScriptedServer(script)
+    try:
+        client = terminal_clients(server.address)
+        client.wait_for("REALLY LAST", timeout=10)
+        client.type("still typing\r")
+        client.type("exit\r")
+        assert client.wait_exit() == 0
+        assert_clean_screen(client.output)
+        assert "Traceback" not in client.text()
+        shown = [line for line in screen_lines(client.output) if line.startswith("MARKER-")]
+        assert shown and is_in_order_subset(shown, markers)
+        assert screen_lines(client.output)[-2:] == [DISCONNECTED, ""]
+    finally:
+        done.set()
+        server.close()
+
+
+def test_an_unterminated_escape_string_does_not_hide_the_next_lines(piped_clients):
+    # What a classmate's server (raw relays, no sanitising) passes on from a
+    # hostile client, followed in the same read by someone else's message.
+    go = threading.Event()
+
+    def script(conn):
+        go.wait(10)
+        conn.sendall(b"51000: \x1b_hidden?\n51001: a real message\n")
+        conn.close()
+
+    server = ScriptedServer(script)
+    try:
+        client = piped_clients(server.address)
+        client.wait_for(CONNECTED)
+        go.set()
+        assert client.wait_exit(timeout=5) == 0
+        assert_clean_screen(client.output())
+        assert "51001: a real message" in client.output().decode().split("\n")
+    finally:
+        go.set()
+        server.close()
+
+
+# --- the server floods -------------------------------------------------------------------
+
+def test_a_flood_of_lines_is_shown_whole_and_the_client_exits(piped_clients):
+    count = 20_000
+
+    def script(conn):
+        conn.sendall(b"".join(b"%d: line %d\n" % (40000 + i % 100, i) for i in range(count)))
+        conn.close()
+
+    server = ScriptedServer(script)
+    try:
+        client = piped_clients(server.address)
+        assert client.wait_exit(timeout=10) == 0
+        lines = client.output().decode().split("\n")
+        assert lines[1:-2] == [f"{40000 + i % 100}: line {i}" for i in range(count)]
+        assert lines[-2:] == [DISCONNECTED, ""]
+    finally:
+        server.close()
+
+
+def test_a_huge_line_without_newline_cannot_hang_the_client(piped_clients):
+    size = 8_000_000
+
+    def script(conn):
+        conn.sendall(b"A" * size + b"\nend\n")
+        conn.close()
+
+    server = ScriptedServer(script)
+    try:
+        client = piped_clients(server.address)
+        assert client.wait_exit(timeout=4) == 0
+        lines = client.output().decode().split("\n")
+        assert lines[-3:] == ["end", DISCONNECTED, ""]
+        assert "".join(lines[1:-3]) == "A" * size  # shown in full, in as many lines as it likes
+    finally:
+        server.close()
+
+
+# --- the server says nothing -------------------------------------------------------------
+
+def test_server_that_never_accepts_client_still_leaves_on_ctrl_d(terminal_clients):
+    # The kernel completes the handshake from the listen backlog; nobody ever
+    # accepts, reads or answers.
+    listener = socket.create_server((LOOPBACK, 0), backlog=8)
+    try:
+        client = terminal_clients(listener.getsockname())
+        client.wait_for(CONNECTED)
+        client.type("anyone there?\r")
+        client.type("\x04")
+        started = time.monotonic()
+        assert client.wait_exit(timeout=5) == 0
+        assert time.monotonic() - started < 2.0
+        assert screen_lines(client.output)[-2:] == [DISCONNECTED, ""]
+        assert "Traceback" not in client.text()
+    finally:
+        listener.close()
+
+
+@pytest.mark.timeout(30)
+def test_server_that_never_completes_the_handshake(piped_clients):
+    # backlog 0 and its queue filled: the kernel drops further SYNs, so the
+    # client's connect() waits for an answer that never comes.
+    listener = socket.socket()
+    listener.bind((LOOPBACK, 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(3):
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(listener.getsockname())
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        started = time.monotonic()
+        client = piped_clients(listener.getsockname())
+        assert client.wait_exit(timeout=20) == 1
+        elapsed = time.monotonic() - started
+        assert 9.0 < elapsed < 13.0  # its 10 s connect timeout, not forever
+        assert client.output() == b""
+        port = listener.getsockname()[1]
+        assert client.err.decode() == f"Could not connect to {LOOPBACK}:{port}: timed out\n"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
