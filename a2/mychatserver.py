@@ -13,12 +13,17 @@ What it does
 How it is built (the "hub" shape of gorilla/websocket's chat example)
     * ChatServer owns the registry of connected clients and the accept loop.
     * Each ClientConnection has exactly two threads: a reader, the only thread
-      that calls recv() on its socket, and a writer, the only one that sends.
-    * Relaying a message appends it to every other client's outbound queue;
-      that never blocks. Each writer drains its own queue into send() calls of
-      at most 1024 bytes. A client that stops reading fills only its own queue
-      and is disconnected once the queue exceeds its byte budget (IRC's
-      "SendQ exceeded"), so one stuck client can never stall the room.
+      that calls recv() on its socket, and a writer, which sends for it only
+      when its socket is full.
+    * Relaying a message formats it once and appends it, once, to the room's
+      pending relays; that never blocks. One reader at a time is the
+      flusher: it gives every client its share of everything pending in
+      non-blocking send() calls of at most 1024 bytes of whole frames (so a
+      busy room costs one send per 1024 bytes, not one thread wake-up per
+      message). A client whose socket is full gets its own writer thread to
+      wait for it; one that stops reading fills only its own queue and is
+      disconnected once the queue exceeds its byte budget (IRC's "SendQ
+      exceeded"), so one stuck client can never stall the room.
     * MessageFramer turns the bytes a client sends into messages. It does no
       I/O at all (like h11), so its rules are unit-tested without sockets.
 
@@ -43,7 +48,9 @@ import bisect
 import codecs
 import collections
 import errno
+import itertools
 import logging
+import operator
 import queue
 import re
 import select
@@ -80,12 +87,13 @@ MAX_MESSAGE_CHARS = 1000
 # room; a client further behind than that has stopped reading ("SendQ").
 DEFAULT_OUTBOUND_BUDGET = 256 * 1024
 
-# Flow control. A client with more than budget/4 queued is "backlogged". If
-# its socket still accepts data it is reading fine and only its writer thread
-# is short of CPU time (a flooding sender's reader can outrun it under the
-# GIL): the sender then pauses, up to FLOW_CONTROL_WAIT, which gives the
-# writer that time and slows the flood to what the room can take. A client
-# whose socket is full is not reading: nobody waits for it.
+# Flow control. More than budget/4 bytes of relays waiting for the flusher,
+# or queued for one client, is "backlogged". Relays waiting for the flusher,
+# or a client whose socket still accepts data, mean only that a thread is
+# short of CPU time (a flooding sender's reader can outrun the flusher or a
+# writer under the GIL): the sender then pauses (flushing itself if no one
+# else is), up to FLOW_CONTROL_WAIT, which slows the flood to what the room
+# can take. A client whose socket is full is not reading: nobody waits for it.
 HIGH_WATER_FRACTION = 4
 FLOW_CONTROL_WAIT = 1.0    # seconds; a safety bound, draining takes milliseconds
 FLOW_CONTROL_POLL = 0.005  # seconds between checks that the client still reads
@@ -99,6 +107,7 @@ DEFAULT_MAX_CLIENTS = 10_000  # one process with two small threads per client
 LISTEN_BACKLOG = 1024         # connection bursts of thousands (load tests)
 ACCEPT_BACKOFF = 0.1          # seconds to pause accepting when out of descriptors
 SHUTDOWN_GRACE = 1.5          # seconds to wait for client threads on shutdown
+SHUTDOWN_SWITCH_INTERVAL = 0.0001  # seconds; GIL switch interval while closing clients
 THREAD_STACK_SIZE = 256 * 1024  # our threads recurse little; thousands must fit
 
 # Relay latency histogram (seconds): the time from a read's arrival to its
@@ -150,7 +159,9 @@ def split_utf8(text, limit=MAX_PAYLOAD_BYTES):
 
 def pack(chunks, limit=BUFSIZE):
     """Join consecutive chunks (each <= limit bytes) into as few <= limit sends
-    as possible, never splitting a chunk, so every send stays self-contained."""
+    as possible, never splitting a chunk, so every send stays self-contained.
+    (The relay's send path does the same on one joined buffer with
+    send_frames(), cutting after newlines, without a Python step per frame.)"""
     packed, batch, size = [], [], 0
     for chunk in chunks:
         if size + len(chunk) > limit and batch:
@@ -183,6 +194,9 @@ class MessageFramer:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""  # decoded text after the last newline
         self.line_mode = False  # becomes True at the client's first newline
+        # Pieces of the current line were already relayed (it is longer than
+        # MAX_MESSAGE_CHARS): what is left of it is text, never an `exit`.
+        self._line_cut = False
         self.exit_requested = False
         self.closed = False
 
@@ -196,7 +210,7 @@ class MessageFramer:
         """True when end_of_burst() would complete something: a raw-text
         client's unterminated text, or a bare "exit" from a line client."""
         if self.line_mode:
-            return len(self._pending) < 16 and _is_exit(self._pending)
+            return len(self._pending) < 16 and self._is_exit_line(self._pending)
         return bool(self._pending)
 
     def feed(self, data):
@@ -215,6 +229,7 @@ class MessageFramer:
             self.line_mode = True
             for line in lines:
                 self._take_line(line, messages)
+                self._line_cut = False  # the next line starts afresh
                 if self.exit_requested:
                     self._pending = ""
                     return messages
@@ -224,6 +239,7 @@ class MessageFramer:
         while len(self._pending) >= MAX_MESSAGE_CHARS:
             self._take_piece(self._pending[:MAX_MESSAGE_CHARS], messages)
             self._pending = self._pending[MAX_MESSAGE_CHARS:]
+            self._line_cut = True
         if self.closed:
             messages += self._flush()
         return messages
@@ -236,7 +252,7 @@ class MessageFramer:
         if self.exit_requested:
             return []
         if self.line_mode:
-            if _is_exit(self._pending):
+            if self._is_exit_line(self._pending):
                 self._pending = ""
                 self.exit_requested = True
             return []
@@ -246,15 +262,21 @@ class MessageFramer:
         messages = []
         tail, self._pending = self._pending, ""
         self._take_line(tail, messages)
+        self._line_cut = False
         return messages
 
     def _take_line(self, line, messages):
         """One complete line: `exit`, or text cut into pieces."""
-        if len(line) < MAX_MESSAGE_CHARS and _is_exit(line):
+        if self._is_exit_line(line):
             self.exit_requested = True
             return
         for start in range(0, len(line), MAX_MESSAGE_CHARS):
             self._take_piece(line[start:start + MAX_MESSAGE_CHARS], messages)
+
+    def _is_exit_line(self, line):
+        """`exit` on a line of its own; never the tail of a line cut in pieces
+        (a whole line that long is not `exit` either, wherever reads fell)."""
+        return not self._line_cut and len(line) < MAX_MESSAGE_CHARS and _is_exit(line)
 
     @staticmethod
     def _take_piece(piece, messages):
@@ -274,16 +296,45 @@ def _ready_now(sock, writable=False):
     return bool(ready)
 
 
-# What enqueue() did with a relay.
+# What deliver() did with a client's share of a round of relays.
 QUEUED, BACKLOGGED, OVER_BUDGET, CLOSED = range(4)
+
+# Who sends a client's frames right now (ClientConnection._state), read and
+# changed only under the client's lock: exactly one thread owns the socket's
+# send side while the state is FLUSHING or WRITER, so sends never interleave.
+IDLE = "idle"          # nothing queued for this client
+FLUSHING = "flushing"  # the server's flusher is sending to it, non-blocking
+WRITER = "writer"      # its socket was full: its own writer thread sends (blocking)
+
+
+def send_frames(sock, data, flags=0):
+    """Send `data` (whole frames, each <= 1024 bytes, or a frame's tail first) as
+    sends of at most 1024 bytes, each cut after a newline so that it carries
+    whole frames. Returns the bytes sent; with flags=MSG_DONTWAIT it stops
+    early, returning fewer, when the socket is full."""
+    view = memoryview(data)
+    pos, size = 0, len(data)
+    try:
+        while pos < size:
+            end = pos + BUFSIZE
+            if end < size:  # cut after the last newline that fits
+                end = data.rfind(b"\n", pos, end) + 1 or end
+            pos += sock.send(view[pos:end], flags)
+    except BlockingIOError:
+        pass
+    return pos
 
 
 class ClientConnection:
     """One connected client: its socket, bounded outbound queue, and two threads.
 
-    The reader thread is the only one that calls recv() on the socket; the
-    writer thread is the only one that sends. Other threads touch a client only
-    through enqueue() and close(), which never block on the network.
+    The reader thread is the only one that calls recv() on the socket. Sending
+    is done by one thread at a time, the one that owns the send side (see
+    IDLE/FLUSHING/WRITER): normally the server's flusher, which sends every
+    client its share of the relays back to back without blocking (deliver());
+    when this client's socket is full, its own writer thread takes over and
+    blocks in send() for it alone. Other threads touch a client only through
+    deliver() and close(), which never block on the network.
     """
 
     def __init__(self, server, sock, address):
@@ -293,19 +344,27 @@ class ClientConnection:
         self.port = address[1]
         self.prefix = f"{self.port}: "
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
-        # Our writer already batches frames into full sends; Nagle's algorithm
+        # Our sends already carry up to 1024 bytes of whole frames; Nagle's algorithm
         # would only hold small relays back for the peer's delayed ACK (~40 ms).
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._budget = server.outbound_budget
         self._high_water = server.outbound_budget // HIGH_WATER_FRACTION
         self._drained = threading.Event()  # a hint for flow control, see wait_while_backlogged
         self._drained.set()
-        self._outbox = queue.SimpleQueue()  # lists of <=1024-byte blobs; None = stop
-        self._lock = threading.Lock()  # guards _queued_bytes and close_reason
+        # Frames accepted for this client but not yet sent: whole frames (after
+        # a partial send, the rest of one first). Guarded by _lock, like
+        # _queued_bytes, _state and close_reason.
+        self._outbox = collections.deque()
+        self._state = IDLE
+        self._wakeup = queue.SimpleQueue()  # to the writer: "the socket is yours" / None = stop
+        self.registered = False  # relayed to (ChatServer._clients); set by the server
+        self._lock = threading.Lock()
         self._queued_bytes = 0
         self.close_reason = None
-        # Counters, each written by one thread only (so no increment is lost);
-        # the server folds them into its totals when the connection ends.
+        # Counters, each written by one thread at a time (so no increment is lost):
+        # received_bytes, messages_received and the latency ones by the reader,
+        # deliveries by the reader relaying, sent_bytes by the send side's
+        # owner. The server folds them into its totals when the connection ends.
         self.messages_received = 0
         self.received_bytes = 0
         self.deliveries = 0  # messages from this client queued for recipients
@@ -329,11 +388,14 @@ class ClientConnection:
     def is_alive(self):
         return self._reader.is_alive()
 
-    def enqueue(self, blobs, size):
-        """Queue frames for this client without blocking. Returns QUEUED,
-        BACKLOGGED (queued, and over the high-water mark), CLOSED (the client is
-        leaving; nothing queued) or OVER_BUDGET (nothing queued; the caller
-        drops the client as a slow consumer)."""
+    def deliver(self, data):
+        """Run by the server's flusher (one thread at a time): send `data`, this
+        client's share of a round of relays, without blocking. If the socket
+        is full, or the writer thread already owns it, queue the rest for the
+        writer. Returns QUEUED, BACKLOGGED (queued, and over the high-water
+        mark), CLOSED (the client is leaving; nothing queued) or OVER_BUDGET
+        (nothing queued; the caller drops the client as a slow consumer)."""
+        size = len(data)
         with self._lock:
             if self.close_reason is not None:
                 return CLOSED
@@ -341,11 +403,54 @@ class ClientConnection:
             if queued > self._budget:
                 return OVER_BUDGET
             self._queued_bytes = queued
-        self._outbox.put(blobs)
-        if queued >= self._high_water:
+            if self._state is not IDLE:  # the writer owns the socket: queue behind it
+                self._outbox.append(data)
+                if queued >= self._high_water:
+                    self._drained.clear()
+                    return BACKLOGGED
+                return QUEUED
+            self._state = FLUSHING
+            self._outbox.append(data)
+        self._send_queued(socket.MSG_DONTWAIT)
+        if self._queued_bytes >= self._high_water:
             self._drained.clear()
             return BACKLOGGED
         return QUEUED
+
+    def _send_queued(self, flags):
+        """Send until the queue is empty (state -> IDLE), the client closes, or,
+        with MSG_DONTWAIT, the socket is full (state -> WRITER: the writer
+        thread continues with blocking sends). Only the send side's owner
+        calls this, so sends to one socket never interleave; no lock is held
+        across a send()."""
+        while True:
+            with self._lock:
+                if not self._outbox or self.close_reason is not None:
+                    self._state = IDLE
+                    return
+                data = self._outbox[0] if len(self._outbox) == 1 else b"".join(self._outbox)
+                self._outbox.clear()
+            try:
+                sent = send_frames(self.sock, data, flags)
+            except OSError as exc:
+                with self._lock:
+                    self._state = IDLE
+                if self.close_reason is None:
+                    log.warning("Connection from %s failed while sending: %s", self.address, exc.strerror or exc)
+                    self.close("error")
+                return
+            with self._lock:
+                self._queued_bytes -= sent
+                drained = self._queued_bytes < self._high_water
+                if sent < len(data):  # the socket is full: the writer takes over
+                    self._outbox.appendleft(data[sent:])
+                    self._state = WRITER
+            self.sent_bytes += sent
+            if drained and not self._drained.is_set():
+                self._drained.set()
+            if sent < len(data):
+                self._wakeup.put(True)
+                return
 
     def wait_while_backlogged(self):
         """Flow control, run by a sender's reader thread after relaying: while
@@ -371,25 +476,31 @@ class ClientConnection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass  # already disconnected
-        self._outbox.put(None)
+        self._wakeup.put(None)
         self._drained.set()  # release any sender waiting on this client
 
     def _read_loop(self):
         framer = MessageFramer()
         reason = "closed"
+        server = self.server
         try:
             while True:
                 data = self.sock.recv(BUFSIZE)
-                if not data and self.close_reason is not None:
-                    break  # we closed it ourselves (slow consumer, shutdown)
+                if self.close_reason is not None:
+                    # We closed it (slow consumer, shutdown, send error). Stop
+                    # reading: closing with input unread resets a client that
+                    # is still sending, rather than leave it blocked in send().
+                    break
                 arrived = time.perf_counter()
                 self.received_bytes += len(data)
                 messages = framer.feed(data)
                 if data and framer.wants_burst_end and not _ready_now(self.sock):
                     messages += framer.end_of_burst()
                 if messages:
-                    self.server.relay(self, messages)
+                    server.relay(self, messages)
                     self._observe(len(messages), time.perf_counter() - arrived)
+                    server.flush(self)
+                    server.wait_while_backlogged()
                 if framer.exit_requested:
                     reason = "exit"
                     break
@@ -400,11 +511,17 @@ class ClientConnection:
                 reason = "error"
                 log.warning("Connection from %s failed: %s", self.address, exc.strerror or exc)
         finally:
-            self.server._unregister(self)
+            server._unregister(self)
             self.close(reason)
             self._writer.join()
+            # A flusher may be in its last non-blocking send to this socket (it
+            # sees close_reason before the next one): let it finish, so that the
+            # descriptor is not closed, and perhaps reused, under it.
+            deadline = time.monotonic() + SHUTDOWN_GRACE
+            while self._state is FLUSHING and time.monotonic() < deadline:
+                time.sleep(0.001)
             self.sock.close()
-            self.server._finished(self)
+            server._finished(self)
 
     def _observe(self, count, seconds):
         self.messages_received += count
@@ -412,29 +529,11 @@ class ClientConnection:
         self.latency_sum += seconds * count
 
     def _write_loop(self):
-        try:
-            while True:
-                items = [self._outbox.get()]
-                while not self._outbox.empty():
-                    items.append(self._outbox.get_nowait())
-                stop = None in items
-                blobs = [blob for item in items if item is not None for blob in item]
-                size = 0
-                for send_buffer in pack(blobs):  # each <= 1024 bytes
-                    self.sock.sendall(send_buffer)
-                    size += len(send_buffer)
-                with self._lock:
-                    self._queued_bytes -= size
-                    drained = self._queued_bytes < self._high_water
-                if drained and not self._drained.is_set():
-                    self._drained.set()
-                self.sent_bytes += size
-                if stop:
-                    return
-        except OSError as exc:
-            if self.close_reason is None:
-                log.warning("Connection from %s failed while sending: %s", self.address, exc.strerror or exc)
-                self.close("error")
+        """Idle until a flusher finds this client's socket full; then send with
+        blocking calls (this thread alone waits for this client) until the
+        queue is empty, and hand the client back to the flushers."""
+        while self._wakeup.get() is not None:
+            self._send_queued(0)
 
 
 class ChatServer:
@@ -461,6 +560,16 @@ class ChatServer:
         # iterates a consistent snapshot without holding any lock.
         self._clients = ()
         self._connections = set()  # every connection whose threads still run
+        # Relays not yet sent (see relay() and flush()): the frames, their
+        # sender, the clients registered then. Guarded by _pending_lock.
+        self._pending_lock = threading.Lock()
+        self._pending = []
+        self._pending_origins = []
+        self._pending_rooms = []
+        self._pending_bytes = 0
+        self._high_water = outbound_budget // HIGH_WATER_FRACTION
+        self._flushing = threading.Lock()  # held by the one thread flushing (see flush())
+        self._backlogged = ()  # clients over the high-water mark after the last round
         self._stopping = threading.Event()
         self._serving = threading.Event()
         self._stopped = threading.Event()
@@ -522,6 +631,7 @@ class ChatServer:
         with self._lock:
             self._clients += (connection,)
             self._connections.add(connection)
+            connection.registered = True
         try:
             connection.start()
         except RuntimeError as exc:  # "can't start new thread"
@@ -546,34 +656,109 @@ class ChatServer:
     # --- relaying ------------------------------------------------------------
 
     def relay(self, origin, messages):
-        """Queue `messages` from `origin` for every other client. Never blocks:
-        a client whose queue is over budget is dropped after the fan-out."""
+        """Queue `messages` from `origin` for every other client. Never blocks and
+        costs the same for 2 clients or 10,000: the frames are formatted once
+        into one blob, appended once to the room's pending list together with
+        the clients it is for, and sent by the flusher (see flush())."""
         if not self.quiet:  # logged first, so the transcript is in relay order
             for message in messages:
                 log.info("%s%s", origin.prefix, message)
-        frames = [frame(origin.port, message) for message in messages]
-        blobs = pack(frames)  # formatted and packed once, shared by all recipients
-        size = sum(map(len, frames))
-        recipients = 0
+        blob = b"".join([frame(origin.port, message) for message in messages])
+        with self._pending_lock:
+            room = self._clients  # the recipients: clients registered now
+            self._pending.append(blob)
+            self._pending_origins.append(origin)
+            self._pending_rooms.append(room)
+            self._pending_bytes += len(blob)
+        origin.deliveries += (len(room) - origin.registered) * len(messages)
+
+    def flush(self, caller=None):
+        """Send what relay() queued; run by reader threads after relaying.
+
+        One thread at a time is the flusher. It takes everything pending (a
+        "round": all the relays since the last round) and gives each client
+        its share, the round's frames minus its own messages, joined into one
+        buffer and sent as back-to-back sends of up to 1024 bytes, never
+        blocking (a client whose socket is full is handed to its own writer
+        thread). Every other reader just appends and goes back to recv().
+
+        Why this shape (measured in loadtest/BENCHMARK.md): under the GIL, the
+        costs that grow with load were the per-recipient steps, a queue put
+        and a writer thread's wake-up and send for every relay. Here the work
+        per recipient is per round, not per relay: the busier the room, the
+        more relays a round carries and the fuller each 1024-byte send.
+
+        The flusher works one round at a time; after each it goes back to its
+        own client if that client has input waiting (it flushes again after
+        relaying it). Work appended while the flusher lock was held is never
+        stranded: the holder re-checks after releasing it."""
+        while self._pending and not self._stopping.is_set():
+            if not self._flushing.acquire(blocking=False):
+                return  # the current flusher will send ours too
+            try:
+                self._flush_round()
+            finally:
+                self._flushing.release()
+            if self._pending and caller is not None and _ready_now(caller.sock):
+                return
+
+    def _flush_round(self):
+        with self._pending_lock:
+            blobs, origins, rooms = self._pending, self._pending_origins, self._pending_rooms
+            self._pending, self._pending_origins, self._pending_rooms = [], [], []
+            self._pending_bytes = 0
         slow = []
         backlogged = []
-        for client in self._clients:
-            if client is not origin:
-                status = client.enqueue(blobs, size)
-                if status == QUEUED:
-                    recipients += 1
-                elif status == BACKLOGGED:
-                    recipients += 1
+        start = 0
+        while start < len(blobs):
+            # A run of relays made to the same registry snapshot (it changes only
+            # when someone joins or leaves): a newcomer gets only later messages.
+            room = rooms[start]
+            end = start + 1
+            while end < len(rooms) and rooms[end] is room:
+                end += 1
+            run, senders = blobs[start:end], origins[start:end]
+            everything = b"".join(run)
+            for client in room:
+                if self._stopping.is_set():
+                    return  # shutting down: the frames go nowhere, and the GIL to shutdown()
+                if client in senders:  # never echo: leave out its own messages
+                    data = b"".join(itertools.compress(run, map(operator.is_not, senders,
+                                                                itertools.repeat(client))))
+                    if not data:
+                        continue
+                else:
+                    data = everything
+                status = client.deliver(data)
+                if status == BACKLOGGED:
                     backlogged.append(client)
                 elif status == OVER_BUDGET:
                     slow.append(client)
-        origin.deliveries += recipients * len(messages)
+            start = end
+        self._backlogged = tuple(backlogged)
         for client in slow:
             log.warning("Dropping %s: more than %d bytes waiting to be sent (slow consumer)",
                         client.address, self.outbound_budget)
             self._unregister(client)
             client.close("slow_consumer")
-        for client in backlogged:
+
+    def wait_while_backlogged(self):
+        """Flow control, run by a sender's reader thread after relaying. The room
+        is backlogged when relays wait to be flushed beyond the high-water mark
+        (a flooding sender's reader outran the flusher under the GIL): the
+        sender then flushes itself (or waits for the flusher), bounded. And
+        while a client is backlogged but its socket still accepts data, its
+        writer thread is just short of CPU time: the sender pauses for it
+        (ClientConnection.wait_while_backlogged) - but never for a client
+        whose socket is full: it is not reading."""
+        if self._pending_bytes >= self._high_water:
+            deadline = time.monotonic() + FLOW_CONTROL_WAIT
+            while (self._pending_bytes >= self._high_water and time.monotonic() < deadline
+                   and not self._stopping.is_set()):
+                self.flush()
+                if self._pending_bytes >= self._high_water:
+                    time.sleep(FLOW_CONTROL_POLL)
+        for client in self._backlogged:
             client.wait_while_backlogged()
 
     # --- registry --------------------------------------------------------------
@@ -583,6 +768,7 @@ class ChatServer:
         with self._lock:
             if connection in self._clients:
                 self._clients = tuple(c for c in self._clients if c is not connection)
+            connection.registered = False
 
     def _finished(self, connection):
         """Called once a connection's threads are done: fold its counters in."""
@@ -657,8 +843,18 @@ class ChatServer:
             connections = list(self._connections)
         if connections:
             log.info("Shutting down: closing %d connection(s)", len(connections))
-        for connection in connections:
-            connection.close("shutdown")
+        # Each close() releases the GIL (shutdown() is a system call), and a
+        # reader still busy with a flood takes it back at once: this thread
+        # would wait out the whole 5 ms switch interval per client (1.6 s for
+        # 325 clients, measured). A short interval while closing lets it
+        # through in ~0.1 ms each; restored right after.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(SHUTDOWN_SWITCH_INTERVAL)
+        try:
+            for connection in connections:
+                connection.close("shutdown")
+        finally:
+            sys.setswitchinterval(switch_interval)
         deadline = time.monotonic() + SHUTDOWN_GRACE
         for connection in connections:
             connection.join(max(0.0, deadline - time.monotonic()))

@@ -115,9 +115,6 @@ def test_any_cut_yields_the_messages_of_the_whole_stream(stream_and_chunks):
     assert feed_then_eof(chunks) == feed_then_eof([data] if data else [])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "framing bug (docs-reliability.md, 'Known gaps'): the tail of a line of 1000+ characters "
-    "is taken for `exit` when a read boundary falls at the 1000-character cut"))
 @PROPERTY_SETTINGS
 @example((b"y" * 1000 + b"exit\n", [b"y" * 1000, b"exit\n"]))  # the minimal counterexample
 @given(cut(any_streams))

@@ -105,10 +105,6 @@ def test_signal_with_hundreds_of_clients_some_stuck_mid_send(live_server, sig):
     flooder.close()
 
 
-@pytest.mark.xfail(strict=True, raises=socket.timeout, reason=(
-    "server bug (docs-reliability.md, 'Known gaps'): a client blocked in send() when the server "
-    "stops stays blocked until the kernel's FIN-WAIT-2 timeout (60 s): the server closes with a "
-    "FIN and a zero receive window instead of resetting connections whose peer is still sending"))
 def test_a_client_blocked_sending_when_the_server_stops_gets_an_error_promptly(live_server):
     server = live_server("--quiet")
     flooder = Peer(server.address)
