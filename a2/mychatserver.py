@@ -157,23 +157,6 @@ def split_utf8(text, limit=MAX_PAYLOAD_BYTES):
     return pieces
 
 
-def pack(chunks, limit=BUFSIZE):
-    """Join consecutive chunks (each <= limit bytes) into as few <= limit sends
-    as possible, never splitting a chunk, so every send stays self-contained.
-    (The relay's send path does the same on one joined buffer with
-    send_frames(), cutting after newlines, without a Python step per frame.)"""
-    packed, batch, size = [], [], 0
-    for chunk in chunks:
-        if size + len(chunk) > limit and batch:
-            packed.append(b"".join(batch))
-            batch, size = [], 0
-        batch.append(chunk)
-        size += len(chunk)
-    if batch:
-        packed.append(b"".join(batch))
-    return packed
-
-
 def frame(port, message):
     """The bytes relayed for one message: the assignment's f"{port}: {message}"
     plus a newline, the one ending every classmate's client displays right."""

@@ -3,10 +3,12 @@
 Like h11's tests: every rule is checked with the input whole, split at every
 position, and fed one byte at a time."""
 
+import socket
+
 import pytest
 
 from a2.mychatserver import (BUFSIZE, MAX_MESSAGE_CHARS, MAX_PAYLOAD_BYTES, MessageFramer,
-                             frame, pack, sanitize, split_utf8)
+                             frame, sanitize, send_frames, split_utf8)
 
 
 def feed_all(chunks, bursts=False):
@@ -188,15 +190,42 @@ def test_frame_is_the_assignment_format_plus_newline():
     assert frame(7, "ü") == "7: ü\n".encode()
 
 
-def test_pack_joins_whole_chunks_up_to_the_limit():
-    assert pack([b"aaa", b"bb", b"c", b"dddd", b"ee"], limit=5) == [b"aaabb", b"cdddd", b"ee"]
-    assert pack([b"x" * 5, b"y"], limit=5) == [b"x" * 5, b"y"]
-    assert pack([]) == []
-    chunks = [frame(51044, "m%03d" % i) for i in range(200)]
-    packed = pack(chunks)
-    assert b"".join(packed) == b"".join(chunks)
-    assert all(len(p) <= BUFSIZE for p in packed)
-    assert all(p.endswith(b"\n") for p in packed)  # no frame is split across sends
+class RecordingSocket:
+    """Stands in for the client socket under send_frames(), which is what is
+    tested: records each send() call; accepts at most `capacity` bytes."""
+
+    def __init__(self, capacity=None, per_send=None):
+        self.sends, self.capacity, self.per_send = [], capacity, per_send
+
+    def send(self, data, flags=0):
+        room = len(data) if self.capacity is None else self.capacity - sum(map(len, self.sends))
+        if room <= 0:
+            raise BlockingIOError
+        taken = bytes(data[:min(room, self.per_send or room)])
+        self.sends.append(taken)
+        return len(taken)
+
+
+def test_send_frames_sends_whole_frames_up_to_1024_bytes():
+    frames = [frame(51044, "m%03d" % i) for i in range(200)]
+    data = b"".join(frames)
+    sock = RecordingSocket()
+    assert send_frames(sock, data) == len(data)
+    assert b"".join(sock.sends) == data
+    assert all(len(chunk) <= BUFSIZE for chunk in sock.sends)
+    assert all(chunk.endswith(b"\n") for chunk in sock.sends)  # no frame split across sends
+    assert len(sock.sends) == -(-len(data) // (BUFSIZE - BUFSIZE % len(frames[0])))
+
+
+def test_send_frames_stops_when_the_socket_is_full_and_resumes_mid_frame():
+    data = b"".join(frame(7, "x" * 100) for _ in range(30))  # 104-byte frames
+    full = RecordingSocket(capacity=1500)
+    sent = send_frames(full, data, socket.MSG_DONTWAIT)
+    assert sent == 1500 and b"".join(full.sends) == data[:1500]
+    rest = RecordingSocket(per_send=50)  # a kernel taking less than offered
+    assert send_frames(rest, data[sent:]) == len(data) - sent
+    assert b"".join(rest.sends) == data[sent:]
+    assert all(len(chunk) <= BUFSIZE for chunk in rest.sends)
 
 
 def test_bare_exit_after_lines_ends_the_session_at_burst_end():

@@ -1,7 +1,7 @@
 """Property-based tests of the framing (hypothesis): whatever bytes arrive, cut
 into whatever reads, the server's MessageFramer yields the same messages,
 never a control character or a newline, never a frame over one send, and
-never raises. Plus the client's own sanitiser and the server's packers.
+never raises. Plus the client's own sanitiser and the server's send_frames().
 
 The streams are built from tokens that matter to the framer (newlines, CR,
 escape sequences, C1 controls, multi-byte and broken UTF-8, runs around the
@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from a2 import mychatclient
 from a2.mychatserver import (BUFSIZE, MAX_MESSAGE_CHARS, MAX_PAYLOAD_BYTES, MessageFramer,
-                             frame, pack, split_utf8)
+                             frame, send_frames, split_utf8)
 
 PROPERTY_SETTINGS = settings(max_examples=400, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -228,20 +228,21 @@ def test_split_utf8_keeps_text_and_fits_the_limit(text, limit):
 
 
 @PROPERTY_SETTINGS
-@given(st.lists(st.binary(min_size=1, max_size=BUFSIZE), max_size=60))
-def test_pack_preserves_bytes_and_never_splits_a_frame(chunks):
-    packed = pack(chunks)
-    assert b"".join(packed) == b"".join(chunks)
-    assert all(len(blob) <= BUFSIZE for blob in packed)
-    # Every blob is a run of whole chunks, in order.
-    i = 0
-    for blob in packed:
-        joined = b""
-        while len(joined) < len(blob):
-            joined += chunks[i]
-            i += 1
-        assert joined == blob
-    assert i == len(chunks)
+@given(st.lists(st.binary(max_size=BUFSIZE - 1).map(lambda b: b.replace(b"\n", b"") + b"\n"),
+                max_size=60))
+def test_send_frames_preserves_bytes_and_never_splits_a_frame(frames):
+    sends = []
+
+    class RecordingSocket:  # stands in for the socket under send_frames()
+        def send(self, data, flags=0):
+            sends.append(bytes(data))
+            return len(data)
+
+    data = b"".join(frames)
+    assert send_frames(RecordingSocket(), data) == len(data)
+    assert b"".join(sends) == data
+    assert all(len(chunk) <= BUFSIZE for chunk in sends)
+    assert all(chunk.endswith(b"\n") for chunk in sends)  # runs of whole frames
 
 
 @PROPERTY_SETTINGS
