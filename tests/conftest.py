@@ -2,7 +2,6 @@
 and waiting on conditions with deadlines (never sleeping to synchronise)."""
 
 import contextlib
-import os
 import re
 import socket
 import subprocess
@@ -219,6 +218,3 @@ def server_process():
             if not stream.closed:
                 stream.close()
 
-
-def open_fds():
-    return len(os.listdir("/proc/self/fd"))

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from conftest import Peer, open_fds, running_server, wait_until
+from conftest import Peer, wait_until
 
 
 # The server runs as its own process here: a reader sharing the server's GIL

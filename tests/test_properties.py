@@ -11,7 +11,6 @@ explores the edges rather than uniform noise.
 
 import re
 
-import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
