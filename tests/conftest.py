@@ -147,7 +147,10 @@ def peers(server):
 
 
 class ServerProcess:
-    """`python a2/mychatserver.py` as a real process on a free port."""
+    """`python a2/mychatserver.py` as a real process on a free port. Its stdout
+    and stderr are read line by line as they arrive (`lines`, `errors`), so a
+    test can wait for a log line while the server runs, and a chatty server
+    never blocks on a full pipe."""
 
     LISTENING = re.compile(r"Server listening on ([\d.]+):(\d+)")
 
@@ -156,18 +159,23 @@ class ServerProcess:
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, text=True, env=env,
                                      preexec_fn=preexec_fn)
-        self.lines = []
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
+        self.lines, self.errors = [], []
+        self._readers = [threading.Thread(target=self._collect, args=(stream, into), daemon=True)
+                         for stream, into in ((self.proc.stdout, self.lines),
+                                              (self.proc.stderr, self.errors))]
+        for reader in self._readers:
+            reader.start()
         match = wait_until(lambda: self._find(self.LISTENING) or self.proc.poll() is not None,
                            timeout=15, message="server to listen")
         if match is True:
-            raise AssertionError(f"server exited early: {self.stderr_text()}")
+            self.kill()
+            raise AssertionError(f"server exited early: {self.errors}")
         self.address = (match.group(1), int(match.group(2)))
 
-    def _collect(self):
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
+    @staticmethod
+    def _collect(stream, into):
+        for line in stream:
+            into.append(line.rstrip("\n"))
 
     def _find(self, pattern):
         for line in list(self.lines):
@@ -176,32 +184,50 @@ class ServerProcess:
                 return match
         return None
 
+    def count(self, text, stream=None):
+        """How many stdout lines (or lines of `stream`) contain `text`."""
+        return sum(text in line for line in list(self.lines if stream is None else stream))
+
     def wait_for_line(self, text, timeout=5.0):
         return wait_until(lambda: text in self.lines, timeout, message=f"server line {text!r}")
 
-    def stderr_text(self):
-        return self.proc.stderr.read() if self.proc.poll() is not None else ""
+    def wait_for_count(self, text, n, timeout=5.0):
+        """Wait until at least `n` stdout lines contain `text`."""
+        return wait_until(lambda: self.count(text) >= n, timeout,
+                          message=f"{n} server lines with {text!r} (have {self.count(text)})")
+
+    def wait_for_error(self, text, timeout=5.0):
+        return wait_until(lambda: any(text in line for line in list(self.errors)), timeout,
+                          message=f"server stderr line containing {text!r}")
 
     def stop(self, sig=None, timeout=5.0):
-        """Send `sig` (default SIGINT); return (exit status, stdout lines, stderr)."""
+        """Send `sig` (default SIGINT) and wait; return (exit status, stdout
+        lines, stderr text)."""
         import signal
         if self.proc.poll() is None:
             self.proc.send_signal(sig or signal.SIGINT)
         try:
             self.proc.wait(timeout)
         finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(5)
-        err = self.proc.stderr.read()
-        self.proc.stderr.close()
-        self.proc.stdout.close()
-        return self.proc.returncode, self.lines, err
+            self.kill()
+        return self.proc.returncode, self.lines, "".join(line + "\n" for line in self.errors)
+
+    def kill(self):
+        """Kill it if still running; close its pipes (idempotent)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for reader in self._readers:
+            reader.join(5)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if not stream.closed:
+                stream.close()
 
 
 @pytest.fixture
 def server_process():
+    """server_process(*args, python_args=(), env=None, preexec_fn=None) ->
+    ServerProcess; every one started is killed at teardown if still running."""
     started = []
 
     def start(*args, **kwargs):
@@ -211,10 +237,4 @@ def server_process():
 
     yield start
     for proc in started:
-        if proc.proc.poll() is None:
-            proc.proc.kill()
-            proc.proc.wait()
-        for stream in (proc.proc.stdout, proc.proc.stderr):
-            if not stream.closed:
-                stream.close()
-
+        proc.kill()

@@ -1,5 +1,5 @@
 """Helpers shared by the reliability tests (fuzz, soak, limits, shutdown,
-client resilience): a server process whose stderr is read as it arrives,
+client resilience): the `live_server` fixture (conftest's server_process),
 /proc probes of a process and of loopback TCP queues, a socket drained by a
 thread, and a scripted hostile server for the client."""
 
@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from conftest import LOOPBACK, ServerProcess, wait_until
+from conftest import LOOPBACK, wait_until
 
 # What must never be relayed or shown: C0 controls except TAB (and LF, which
 # only ends a frame), DEL, and the C1 controls U+0080-U+009F.
@@ -23,70 +23,14 @@ def soak_seconds(default=60.0):
     return float(os.environ.get("CHAT_SOAK_SECONDS", default))
 
 
-# --- a server process with live stderr ---------------------------------------
+# --- a server process ----------------------------------------------------------
 
-class LiveServerProcess(ServerProcess):
-    """ServerProcess that also collects stderr line by line as it arrives, so
-    a test can wait for a warning ("Cannot accept ...") while the server runs."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.errors = []
-        self._error_reader = threading.Thread(target=self._collect_errors, daemon=True)
-        self._error_reader.start()
-
-    def _collect_errors(self):
-        for line in self.proc.stderr:
-            self.errors.append(line.rstrip("\n"))
-
-    def count(self, text, stream=None):
-        return sum(text in line for line in list(self.lines if stream is None else stream))
-
-    def wait_for_error(self, text, timeout=5.0):
-        return wait_until(lambda: any(text in line for line in list(self.errors)), timeout,
-                          message=f"server stderr line containing {text!r}")
-
-    def wait_for_count(self, text, n, timeout=5.0):
-        """Wait until at least `n` stdout lines contain `text`."""
-        return wait_until(lambda: self.count(text) >= n, timeout,
-                          message=f"{n} server lines with {text!r} (have {self.count(text)})")
-
-    def stop(self, sig=None, timeout=5.0):
-        """Signal (default SIGINT), wait; return (status, stdout lines, stderr text)."""
-        import signal
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig or signal.SIGINT)
-        try:
-            self.proc.wait(timeout)
-        finally:
-            self.kill()
-        return self.proc.returncode, self.lines, "\n".join(self.errors)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-        self._error_reader.join(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if not stream.closed:
-                stream.close()
 
 
 @pytest.fixture
-def live_server():
-    """live_server(*args, python_args=(), env=None, preexec_fn=None) -> LiveServerProcess;
-    every one started is killed at teardown if the test did not stop it."""
-    started = []
-
-    def start(*args, **kwargs):
-        server = LiveServerProcess(*args, **kwargs)
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.kill()
+def live_server(server_process):
+    """The reliability tests' name for conftest's server_process fixture."""
+    return server_process
 
 
 # --- /proc probes ------------------------------------------------------------------
