@@ -386,15 +386,12 @@ class ClientConnection:
             if queued > self._budget:
                 return OVER_BUDGET
             self._queued_bytes = queued
-            if self._state is not IDLE:  # the writer owns the socket: queue behind it
-                self._outbox.append(data)
-                if queued >= self._high_water:
-                    self._drained.clear()
-                    return BACKLOGGED
-                return QUEUED
-            self._state = FLUSHING
             self._outbox.append(data)
-        self._send_queued(socket.MSG_DONTWAIT)
+            flushing = self._state is IDLE  # else the writer owns the socket: queue behind it
+            if flushing:
+                self._state = FLUSHING
+        if flushing:
+            self._send_queued(socket.MSG_DONTWAIT)
         if self._queued_bytes >= self._high_water:
             self._drained.clear()
             return BACKLOGGED
@@ -554,14 +551,11 @@ class ChatServer:
         self._flushing = threading.Lock()  # held by the one thread flushing (see flush())
         self._backlogged = ()  # clients over the high-water mark after the last round
         self._stopping = threading.Event()
-        self._serving = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()  # no accept loop is running yet
         self._connections_total = 0
-        self._totals = collections.Counter()
+        self._totals = collections.Counter()  # departed connections' counters, see _add_counters
         self._disconnects = dict.fromkeys(DISCONNECT_REASONS, 0)
-        self._latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
-        self._latency_sum = 0.0
 
     def __enter__(self):
         return self
@@ -579,7 +573,6 @@ class ChatServer:
             with selectors.DefaultSelector() as selector:
                 selector.register(self._listener, selectors.EVENT_READ)
                 selector.register(self._wake_reader, selectors.EVENT_READ)
-                self._serving.set()
                 while self._serve:
                     for key, _ in selector.select():
                         if key.fileobj is self._listener and self._serve:
@@ -759,9 +752,6 @@ class ChatServer:
             self._connections.discard(connection)
             self._add_counters(self._totals, connection)
             self._disconnects[connection.close_reason] += 1
-            for i, count in enumerate(connection.latency_counts):
-                self._latency_counts[i] += count
-            self._latency_sum += connection.latency_sum
         if connection.close_reason != "shutdown":
             log.info("Connection from %s closed (%s)", connection.address, connection.close_reason)
 
@@ -771,6 +761,9 @@ class ChatServer:
         counter["messages_relayed"] += connection.deliveries
         counter["received_bytes"] += connection.received_bytes
         counter["sent_bytes"] += connection.sent_bytes
+        for bucket, count in enumerate(connection.latency_counts):
+            counter["latency", bucket] += count
+        counter["latency_sum"] += connection.latency_sum
 
     @property
     def client_count(self):
@@ -780,14 +773,9 @@ class ChatServer:
         """A snapshot of every counter, exact: live connections plus departed ones."""
         with self._lock:
             counters = collections.Counter(self._totals)
-            latency_counts = list(self._latency_counts)
-            latency_sum = self._latency_sum
             backlog = 0
             for connection in self._connections:
                 self._add_counters(counters, connection)
-                for i, count in enumerate(connection.latency_counts):
-                    latency_counts[i] += count
-                latency_sum += connection.latency_sum
                 backlog += connection.queued_bytes
             return {
                 "connections_total": self._connections_total,
@@ -800,8 +788,9 @@ class ChatServer:
                 "disconnects_total": dict(self._disconnects),
                 "outbound_backlog_bytes": backlog,
                 "relay_latency_buckets": LATENCY_BUCKETS,
-                "relay_latency_counts": latency_counts,  # per bucket, last is +Inf
-                "relay_latency_sum": latency_sum,
+                "relay_latency_counts": [counters["latency", bucket]  # per bucket, last is +Inf
+                                         for bucket in range(len(LATENCY_BUCKETS) + 1)],
+                "relay_latency_sum": float(counters["latency_sum"]),
             }
 
     # --- stopping --------------------------------------------------------------
