@@ -4,6 +4,7 @@ and waiting on conditions with deadlines (never sleeping to synchronise)."""
 import contextlib
 import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -30,6 +31,17 @@ def wait_until(predicate, timeout=5.0, message="condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         time.sleep(0.002)  # a poll interval, not a synchronisation point
+
+
+def reset_on_close(sock):
+    """Make sock.close() send an RST instead of a FIN: a client that vanishes."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def reset(sock):
+    """Close with an RST instead of a FIN."""
+    reset_on_close(sock)
+    sock.close()
 
 
 @contextlib.contextmanager

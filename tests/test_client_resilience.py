@@ -6,7 +6,6 @@ person uses it) or with piped stdin (as a script does)."""
 import random
 import re
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import time
 
 import pytest
 
-from conftest import CLIENT_SCRIPT, LOOPBACK, Peer, wait_until
+from conftest import CLIENT_SCRIPT, LOOPBACK, Peer, reset, wait_until
 from reliability_helpers import FORBIDDEN, ScriptedServer, live_server  # noqa: F401 (fixture)
 from test_client import CSI, TerminalClient, screen_lines, terminal_clients  # noqa: F401 (fixture)
 from test_properties import SPECIAL_TOKENS
@@ -124,11 +123,6 @@ def assert_clean_screen(raw):
     assert not C1_UTF8.search(rest)
     text = rest.decode()  # the client writes valid UTF-8 only
     assert not FORBIDDEN.search(text.replace("\r", ""))
-
-
-def reset(sock):
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 # --- the server dies ---------------------------------------------------------------

@@ -11,12 +11,11 @@ import collections
 import os
 import random
 import socket
-import struct
 import threading
 
 import pytest
 
-from conftest import Peer
+from conftest import Peer, reset
 from reliability_helpers import Drain, live_server, parse_frames  # noqa: F401 (fixture)
 from test_properties import SPECIAL_TOKENS, feed_then_eof
 
@@ -55,12 +54,6 @@ def send_in_random_writes(sock, data, rng, largest=4096):
         size = rng.choice([1, 2, 3, 7, 100, 1023, 1024, 1025, largest])
         sock.sendall(data[position:position + size])
         position += size
-
-
-def reset(sock):
-    """Close with an RST instead of a FIN."""
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
 
 
 class Hostile:

@@ -2,12 +2,11 @@
 
 import os
 import socket
-import struct
 import threading
 
 import pytest
 
-from conftest import Peer, wait_until
+from conftest import Peer, reset_on_close, wait_until
 
 
 # The server runs as its own process here: a reader sharing the server's GIL
@@ -84,7 +83,7 @@ def test_threads_and_descriptors_return_to_baseline_after_200_clients(server_pro
                 peer.send("exit")
                 peer.expect_closed()  # what it was sent meanwhile is discarded
             elif i % 3 == 1:  # reset instead of a clean close
-                peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                reset_on_close(peer.sock)
             peer.close()
     wait_until(lambda: threads_and_fds(pid)[0] == baseline[0] + 2, timeout=10,
                message="only the steady client's two threads left")

@@ -1,11 +1,10 @@
 """The relay over real sockets: the assignment's rules and classmates' clients."""
 
 import socket
-import struct
 
 import pytest
 
-from conftest import Peer, running_server, wait_until
+from conftest import Peer, reset, running_server, wait_until
 
 
 def test_assignment_example_three_clients(server, peers):
@@ -175,8 +174,7 @@ def test_reset_mid_broadcast_costs_nobody_else(server, peers):
     for i in range(50):
         senders[i % 3].send(f"m{i}\n")
     # RST instead of FIN, with relays in flight towards the victim.
-    victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    victim.close()
+    reset(victim.sock)
     for i in range(50, 100):
         senders[i % 3].send(f"m{i}\n")
     expected_per_sender = {s.port: [f"m{i}" for i in range(100) if i % 3 == n] for n, s in enumerate(senders)}

@@ -21,11 +21,11 @@ import os
 import random
 import selectors
 import socket
-import struct
 import time
 
 import pytest
 
+from conftest import reset_on_close
 from reliability_helpers import (FORBIDDEN, live_server, process_usage,  # noqa: F401 (fixture)
                                  soak_seconds, wait_until)
 
@@ -355,7 +355,7 @@ class Soak:
 
     def reset(self, client):
         client.left_with = "reset"
-        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_on_close(client.sock)
         self.finish(client)
 
     def finish(self, client):
