@@ -120,6 +120,14 @@ class Peer:
                 return got
             self.received += chunk
 
+    def leave(self, timeout=5.0):
+        """Send `exit`, wait for the server to close us, close; return what
+        arrived before the close."""
+        self.send("exit")
+        got = self.expect_closed(timeout)
+        self.close()
+        return got
+
     def assert_silent(self, settle_with=None):
         """Assert nothing has arrived. `settle_with` is a (peer, marker) pair: a
         message relayed through the server after the events under test, so

@@ -1,12 +1,12 @@
 """One bad client costs only itself; departed clients leave nothing behind."""
 
-import os
 import socket
 import threading
 
 import pytest
 
 from conftest import Peer, reset_on_close, wait_until
+from reliability_helpers import process_usage
 
 
 # The server runs as its own process here: a reader sharing the server's GIL
@@ -58,9 +58,7 @@ def test_other_clients_keep_chatting_while_one_is_stuck(server_process):
 
 def threads_and_fds(pid):
     """The server process's own thread and open-descriptor counts."""
-    with open(f"/proc/{pid}/status") as status:
-        threads = next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
-    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+    return process_usage(pid)[:2]
 
 
 @pytest.mark.timeout(60)

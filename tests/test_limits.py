@@ -130,18 +130,14 @@ def test_out_of_descriptors_the_server_backs_off_and_recovers(live_server):
 
     # Ten leave; the ten oldest pending clients are served; then the rest.
     for client in admitted[-10:]:
-        client.send("exit")
-        client.expect_closed()
-        client.close()
+        client.leave()
     admitted = admitted[:-10]
     server.wait_for_count("New connection", capacity + 10)
     served, pending = pending[:10], pending[10:]
     for client in served:
         assert server.count(f"New connection from ('127.0.0.1', {client.port})") == 1
     for client in admitted[-2:]:
-        client.send("exit")
-        client.expect_closed()
-        client.close()
+        client.leave()
     admitted = admitted[:-2]
     server.wait_for_count("New connection", capacity + 12)
 

@@ -30,9 +30,7 @@ def test_transcript_matches_the_assignment_example(server_process):
         for reader in readers:
             reader.expect(f"{sender.port}: {text}\n")
     for n, peer in enumerate((c1, c2, c3), 1):
-        peer.send("exit")
-        peer.expect_closed()
-        peer.close()
+        peer.leave()
         wait_until(lambda: sum("closed (exit)" in line for line in server.lines) == n)
     status, lines, err = server.stop()
     host, port = server.address
