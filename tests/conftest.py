@@ -258,3 +258,32 @@ def server_process():
     yield start
     for proc in started:
         proc.kill()
+
+
+@pytest.fixture
+def terminal_clients():
+    """terminal_clients(address) -> a TerminalClient (client_drivers.py);
+    each is killed at the end of the test if still running."""
+    from client_drivers import TerminalClient  # here: client_drivers imports conftest
+    yield from _started(TerminalClient)
+
+
+@pytest.fixture
+def piped_clients():
+    """piped_clients(address) -> a PipedClient (client_drivers.py);
+    each is killed at the end of the test if still running."""
+    from client_drivers import PipedClient  # here: client_drivers imports conftest
+    yield from _started(PipedClient)
+
+
+def _started(client_class):
+    made = []
+
+    def start(address):
+        client = client_class(address)
+        made.append(client)
+        return client
+
+    yield start
+    for client in made:
+        client.kill()

@@ -1,14 +1,11 @@
 """Helpers shared by the reliability tests (fuzz, soak, limits, shutdown,
-client resilience): the `live_server` fixture (conftest's server_process),
-/proc probes of a process and of loopback TCP queues, a socket drained by a
-thread, and a scripted hostile server for the client."""
+client resilience): /proc probes of a process and of loopback TCP queues, a
+socket drained by a thread, and a scripted hostile server for the client."""
 
 import os
 import re
 import socket
 import threading
-
-import pytest
 
 from conftest import LOOPBACK, wait_until
 
@@ -21,16 +18,6 @@ FRAME = re.compile(rb"(\d+): ([^\n]*)\n")
 def soak_seconds(default=60.0):
     """How long the churn soak runs: CHAT_SOAK_SECONDS (quick runs use e.g. 5)."""
     return float(os.environ.get("CHAT_SOAK_SECONDS", default))
-
-
-# --- a server process ----------------------------------------------------------
-
-
-
-@pytest.fixture
-def live_server(server_process):
-    """The reliability tests' name for conftest's server_process fixture."""
-    return server_process
 
 
 # --- /proc probes ------------------------------------------------------------------

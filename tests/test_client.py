@@ -1,98 +1,16 @@
 """`python a2/mychatclient.py`, driven through a pseudo-terminal as a person
 uses it, or with piped stdin, against our server and a classmate-style one."""
 
-import fcntl
-import os
-import pty
 import re
 import subprocess
 import sys
-import termios
-import threading
 import time
 
 import pytest
 
 from classmate import ClassmateServer
+from client_drivers import screen_lines
 from conftest import CLIENT_SCRIPT, LOOPBACK, Peer, running_server, wait_until
-
-CSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
-
-
-def screen_lines(raw):
-    """What a terminal shows, roughly: escape sequences dropped, \\r\\n lines."""
-    text = CSI.sub("", raw.decode(errors="replace"))
-    return [line.split("\r")[-1] for line in text.split("\r\n")]
-
-
-class TerminalClient:
-    """The client in a pseudo-terminal that is its controlling terminal, so
-    typed Ctrl-C and Ctrl-D work exactly as for a person at a keyboard."""
-
-    def __init__(self, address):
-        master, slave = pty.openpty()
-        self.master = master
-        self.proc = subprocess.Popen(
-            [sys.executable, str(CLIENT_SCRIPT), "--host", address[0], "--port", str(address[1])],
-            stdin=slave, stdout=slave, stderr=slave, close_fds=True, start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
-            env={**os.environ, "TERM": "xterm", "PYTHONUNBUFFERED": "1"})
-        os.close(slave)
-        self.output = b""
-        self._lock = threading.Lock()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        while True:
-            try:
-                data = os.read(self.master, 4096)
-            except OSError:  # EIO: the client exited and the terminal closed
-                return
-            if not data:
-                return
-            with self._lock:
-                self.output += data
-
-    def type(self, keys):
-        """Type at the keyboard once the client is reading it, as a person
-        would after seeing the screen (readline turns the terminal's own echo
-        off while it reads; keys typed earlier would be echoed twice)."""
-        wait_until(lambda: not termios.tcgetattr(self.master)[3] & termios.ECHO,
-                   message="client waiting for input")
-        os.write(self.master, keys.encode())
-
-    def text(self):
-        with self._lock:
-            return self.output.decode(errors="replace")
-
-    def wait_for(self, text, timeout=5):
-        wait_until(lambda: text in CSI.sub("", self.text()), timeout, message=f"client to show {text!r}")
-
-    def wait_exit(self, timeout=5):
-        status = self.proc.wait(timeout)
-        self._reader.join(5)
-        os.close(self.master)
-        return status
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.fixture
-def terminal_clients():
-    made = []
-
-    def start(address):
-        client = TerminalClient(address)
-        made.append(client)
-        return client
-
-    yield start
-    for client in made:
-        client.kill()
 
 
 def run_piped(address, stdin_text, timeout=10):

@@ -16,7 +16,7 @@ import threading
 import pytest
 
 from conftest import Peer, reset
-from reliability_helpers import Drain, live_server, parse_frames  # noqa: F401 (fixture)
+from reliability_helpers import Drain, parse_frames
 from test_properties import SPECIAL_TOKENS, feed_then_eof
 
 STEADY = 3
@@ -92,11 +92,11 @@ class Hostile:
 
 
 @pytest.mark.timeout(90)
-def test_hostile_streams_cannot_disturb_steady_clients(live_server):
+def test_hostile_streams_cannot_disturb_steady_clients(server_process):
     seed = int(os.environ.get("CHAT_FUZZ_SEED", random.randrange(2**32)))
     print(f"fuzz seed {seed} (CHAT_FUZZ_SEED={seed} replays it)")
     rng = random.Random(seed)
-    server = live_server("--quiet")
+    server = server_process("--quiet")
 
     steady = [Drain.connect(server.address) for _ in range(STEADY)]
     idle = Drain.connect(server.address)  # connects and never says a word

@@ -11,8 +11,7 @@ import time
 import pytest
 
 from conftest import Peer, running_server, wait_until
-from reliability_helpers import (cpu_seconds, live_server, parse_frames,  # noqa: F401 (fixture)
-                                 process_usage)
+from reliability_helpers import cpu_seconds, parse_frames, process_usage
 
 FULL_NOTICE = "Server full ({n} clients). Try again later.\n"
 
@@ -32,8 +31,8 @@ def chat_round(room):
 
 # --- --max-clients ---------------------------------------------------------------
 
-def test_max_clients_newcomers_get_a_notice_and_the_room_is_untouched(live_server):
-    server = live_server("--quiet", "--max-clients", "3")
+def test_max_clients_newcomers_get_a_notice_and_the_room_is_untouched(server_process):
+    server = server_process("--quiet", "--max-clients", "3")
     members = [Peer(server.address) for _ in range(3)]
     server.wait_for_count("New connection", 3)
     chat_round(members)
@@ -100,8 +99,8 @@ def low_fd_limit():
 
 
 @pytest.mark.timeout(60)
-def test_out_of_descriptors_the_server_backs_off_and_recovers(live_server):
-    server = live_server("--quiet", preexec_fn=low_fd_limit)
+def test_out_of_descriptors_the_server_backs_off_and_recovers(server_process):
+    server = server_process("--quiet", preexec_fn=low_fd_limit)
     pid = server.proc.pid
     own = process_usage(pid)[1]  # descriptors before any client: stdio, listener, wakeup, epoll
     capacity = FD_LIMIT - own
@@ -158,8 +157,8 @@ def test_out_of_descriptors_the_server_backs_off_and_recovers(live_server):
 # --- clients that never speak ------------------------------------------------------
 
 @pytest.mark.timeout(60)
-def test_clients_that_connect_and_never_speak_are_harmless(live_server):
-    server = live_server("--quiet")
+def test_clients_that_connect_and_never_speak_are_harmless(server_process):
+    server = server_process("--quiet")
     pid = server.proc.pid
     threads0 = process_usage(pid)[0]
     silent = [Peer(server.address) for _ in range(200)]

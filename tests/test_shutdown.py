@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import Peer, wait_until
-from reliability_helpers import live_server, tcp_queues  # noqa: F401 (fixture)
+from reliability_helpers import tcp_queues
 
 IDLE = 300
 STUCK = 3
@@ -33,8 +33,8 @@ def read_to_close(sock, timeout=10.0):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_with_hundreds_of_clients_some_stuck_mid_send(live_server, sig):
-    server = live_server("--quiet")
+def test_signal_with_hundreds_of_clients_some_stuck_mid_send(server_process, sig):
+    server = server_process("--quiet")
     server_port = server.address[1]
     idle = [Peer(server.address) for _ in range(IDLE)]
     # Clients the server is stuck sending to: they never read.
@@ -105,8 +105,8 @@ def test_signal_with_hundreds_of_clients_some_stuck_mid_send(live_server, sig):
     flooder.close()
 
 
-def test_a_client_blocked_sending_when_the_server_stops_gets_an_error_promptly(live_server):
-    server = live_server("--quiet")
+def test_a_client_blocked_sending_when_the_server_stops_gets_an_error_promptly(server_process):
+    server = server_process("--quiet")
     flooder = Peer(server.address)
     server.wait_for_count("New connection", 1)
     failed = []

@@ -26,8 +26,7 @@ import time
 import pytest
 
 from conftest import reset_on_close
-from reliability_helpers import (FORBIDDEN, live_server, process_usage,  # noqa: F401 (fixture)
-                                 soak_seconds, wait_until)
+from reliability_helpers import FORBIDDEN, process_usage, soak_seconds, wait_until
 
 POPULATION = 60
 # Kinds of client, with their share of arrivals. "line" and "raw" leave with
@@ -372,11 +371,11 @@ class Soak:
 
 
 @pytest.mark.timeout(soak_seconds() + 60)
-def test_churn_soak_loses_nothing_and_leaks_nothing(live_server):
+def test_churn_soak_loses_nothing_and_leaks_nothing(server_process):
     duration = soak_seconds()
     seed = int(os.environ.get("CHAT_FUZZ_SEED", random.randrange(2**32)))
     print(f"soak {duration}s, seed {seed}")
-    server = live_server("--quiet")
+    server = server_process("--quiet")
     pid = server.proc.pid
     threads0, fds0, rss0 = process_usage(pid)
 
