@@ -231,6 +231,10 @@ def main(argv=None):
         return 1
     sock.settimeout(None)
 
+    # Ctrl-C leaves, and the receiver wakes this thread with SIGINT: both need
+    # Python's handler, even if we were started with SIGINT ignored (a shell
+    # does that to background jobs, and the setting is inherited).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     interactive = sys.stdin.isatty()
     display = Display(interactive=interactive)
     state_lock = threading.Lock()

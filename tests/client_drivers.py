@@ -7,6 +7,7 @@ import fcntl
 import os
 import pty
 import re
+import signal
 import subprocess
 import sys
 import termios
@@ -25,15 +26,23 @@ def screen_lines(raw):
 
 class TerminalClient:
     """The client in a pseudo-terminal that is its controlling terminal, so
-    typed Ctrl-C and Ctrl-D work exactly as for a person at a keyboard."""
+    typed Ctrl-C and Ctrl-D work exactly as for a person at a keyboard.
+    With sigint_ignored=True it starts with SIGINT ignored, as a job started
+    in the background by a non-interactive shell (or under nohup) does."""
 
-    def __init__(self, address):
+    def __init__(self, address, sigint_ignored=False):
         master, slave = pty.openpty()
         self.master = master
+
+        def as_controlling_terminal():
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            if sigint_ignored:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited across exec
+
         self.proc = subprocess.Popen(
             [sys.executable, str(CLIENT_SCRIPT), "--host", address[0], "--port", str(address[1])],
             stdin=slave, stdout=slave, stderr=slave, close_fds=True, start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=as_controlling_terminal,
             env={**os.environ, "TERM": "xterm", "PYTHONUNBUFFERED": "1"})
         os.close(slave)
         self.output = b""

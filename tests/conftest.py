@@ -262,7 +262,7 @@ def server_process():
 
 @pytest.fixture
 def terminal_clients():
-    """terminal_clients(address) -> a TerminalClient (client_drivers.py);
+    """terminal_clients(address, **options) -> a TerminalClient (client_drivers.py);
     each is killed at the end of the test if still running."""
     from client_drivers import TerminalClient  # here: client_drivers imports conftest
     yield from _started(TerminalClient)
@@ -279,8 +279,8 @@ def piped_clients():
 def _started(client_class):
     made = []
 
-    def start(address):
-        client = client_class(address)
+    def start(address, **options):
+        client = client_class(address, **options)
         made.append(client)
         return client
 

@@ -66,6 +66,26 @@ def test_ctrl_d_and_ctrl_c_send_exit_and_leave(server, terminal_clients, key):
     wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 1)
 
 
+@pytest.mark.parametrize("key", ["\x03", "server closes"], ids=["ctrl-c", "server-closes"])
+def test_started_with_sigint_ignored_it_still_leaves(server, terminal_clients, key):
+    # A shell ignores SIGINT in jobs it starts in the background, and the
+    # disposition is inherited: the client must still leave on Ctrl-C, and
+    # its receiver must still wake the prompt when the server closes.
+    client = terminal_clients(server.address, sigint_ignored=True)
+    client.wait_for("Connected to chat server.")
+    wait_until(lambda: server.client_count == 1)
+    client.type("half-typed")
+    if key == "server closes":
+        server.shutdown()
+    else:
+        client.type(key)
+    assert client.wait_exit() == 0
+    assert screen_lines(client.output)[-2:] == ["Disconnected from server", ""]
+    assert "Traceback" not in client.text()
+    if key != "server closes":
+        wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 1)
+
+
 def test_server_closing_ends_the_client_without_enter(terminal_clients):
     classmate = ClassmateServer()
     try:
