@@ -27,9 +27,10 @@ What goes on the wire, and why (measured on 28 classmates' servers):
 Only the Python standard library is used.
 """
 
+import _thread
 import argparse
 import codecs
-import os
+import contextlib
 import re
 import select
 import signal
@@ -42,6 +43,10 @@ try:
     import readline  # line editing and history; redraws the line being typed
 except ImportError:  # e.g. Windows without pyreadline
     readline = None
+try:
+    import termios
+except ImportError:  # Windows
+    termios = None
 
 BUFSIZE = 1024  # the assignment's recv/send size: no write is longer than this
 DEFAULT_HOST = "127.0.0.1"
@@ -51,7 +56,7 @@ SEND_GAP = 0.05   # seconds between writes, so raw-chunk servers read each alone
 EXIT_GRACE = 0.5  # seconds to let the server close us after "exit"
 EXIT_COMMAND = "exit"
 MAX_UNFINISHED = 4096  # characters of a line without newline held before showing it anyway
-WAKE_RETRY = 0.2  # seconds between wake-ups of the input loop, see server_closed
+WAKE_RETRY = 0.05  # seconds between SIGINTs to the main thread, see Interrupter
 
 # Escape sequences, then every control character except TAB and newline:
 # what a hostile server or client sends cannot drive this terminal.
@@ -208,77 +213,147 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def read_lines(interactive):
-    """Yield typed lines until EOF (Ctrl-D)."""
-    while True:
+class Interrupter:
+    """Ends the input loop with KeyboardInterrupt, reliably, for Ctrl-C and for
+    the receiver when the server closes: the client must not wait for Enter.
+
+    Python runs a SIGINT handler only in the main thread, between bytecodes;
+    in input(), readline waits in select(), which only a signal arriving
+    during that select() interrupts. A SIGINT that lands while readline is
+    busy with a keystroke (or in another thread) is not seen until the next
+    key. So once a SIGINT has arrived (the wakeup fd says so) or the server
+    has closed, SIGINT is sent to the main thread again and again until its
+    handler has run. (And see keep_typeahead(): a Ctrl-C that empties the
+    terminal's input could leave readline waiting for a key, deaf to signals.) The handler raises KeyboardInterrupt only inside
+    interruptible() (connecting, reading a line), never while the client is
+    already leaving."""
+
+    def __init__(self):
+        self.leave_requested = threading.Event()  # set by the handler, in the main thread
+        self._interruptible = False  # main thread only
+        self._main = threading.main_thread().ident
+        self._wakeup, wakeup_w = socket.socketpair()
+        wakeup_w.setblocking(False)
+        self._wakeup_w = wakeup_w  # kept open for the process's lifetime
+        signal.set_wakeup_fd(wakeup_w.fileno(), warn_on_full_buffer=False)
+        # Installed whatever was inherited: a shell starts background jobs with SIGINT ignored.
+        signal.signal(signal.SIGINT, self._on_sigint)
+        threading.Thread(target=self._watch, name="sigint-watch", daemon=True).start()
+
+    def _on_sigint(self, signum, frame):
+        self.leave_requested.set()
+        if self._interruptible:
+            self._interruptible = False
+            raise KeyboardInterrupt
+
+    def _watch(self):
+        while data := self._wakeup.recv(64):
+            if signal.SIGINT in data:
+                self.interrupt()
+
+    def interrupt(self):
+        """Any thread: make the main thread leave its input loop."""
+        while not self.leave_requested.is_set():
+            if hasattr(signal, "pthread_kill"):
+                signal.pthread_kill(self._main, signal.SIGINT)  # interrupts a blocked read
+            else:  # Windows: seen once the main thread runs again
+                _thread.interrupt_main()
+            self.leave_requested.wait(WAKE_RETRY)
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Main thread: SIGINT raises KeyboardInterrupt in this block (at
+        once, if one has come already)."""
+        if self.leave_requested.is_set():
+            raise KeyboardInterrupt
+        self._interruptible = True
         try:
-            line = input() if interactive else sys.stdin.readline()
-        except EOFError:
-            return
-        if not interactive and not line:
-            return
-        yield line.rstrip("\r\n")
+            yield
+        finally:
+            self._interruptible = False
+
+    def read_line(self, interactive):
+        """The next typed line ("" at EOF); KeyboardInterrupt once leaving is asked."""
+        with self.interruptible():
+            if not interactive:
+                return sys.stdin.readline()
+            try:
+                return input() + "\n"
+            except EOFError:
+                return ""
+
+
+@contextlib.contextmanager
+def keep_typeahead(stream):
+    """While the client runs, Ctrl-C does not discard typed-ahead input (NOFLSH).
+
+    Otherwise the terminal empties its input queue when Ctrl-C is pressed; if
+    readline had just been told a key was waiting, it then waits for the next
+    key inside its own read loop, which retries on every signal: Ctrl-C would
+    not end the client until another key was pressed. The terminal's settings
+    are restored on the way out."""
+    if termios is None or not stream.isatty():  # Windows, or not a terminal
+        yield
+        return
+    fd = stream.fileno()
+    saved = termios.tcgetattr(fd)
+    changed = list(saved)
+    changed[3] |= termios.NOFLSH
+    termios.tcsetattr(fd, termios.TCSANOW, changed)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def main(argv=None):
     args = parse_args(argv)
     sys.stdin.reconfigure(errors="replace")
     sys.stdout.reconfigure(errors="replace")
+    interrupter = Interrupter()
     try:
-        sock = socket.create_connection((args.host, args.port), timeout=CONNECT_TIMEOUT)
+        with interrupter.interruptible():
+            sock = socket.create_connection((args.host, args.port), timeout=CONNECT_TIMEOUT)
+    except KeyboardInterrupt:  # Ctrl-C while a slow server is answering
+        return 130
     except OSError as exc:
         print(f"Could not connect to {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     sock.settimeout(None)
 
-    # Ctrl-C leaves, and the receiver wakes this thread with SIGINT: both need
-    # Python's handler, even if we were started with SIGINT ignored (a shell
-    # does that to background jobs, and the setting is inherited).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    interactive = sys.stdin.isatty()
+    with keep_typeahead(sys.stdin):
+        chat(sock, interrupter, interactive=sys.stdin.isatty())
+    return 0
+
+
+def chat(sock, interrupter, interactive):
+    """Send typed lines and show the room's, until exit, Ctrl-D, Ctrl-C or the
+    server closing; then leave."""
     display = Display(interactive=interactive)
-    state_lock = threading.Lock()
-    finished = threading.Event()  # set once the main thread stops reading input
-
-    def server_closed():
-        # Wake the main thread out of input(): a real SIGINT interrupts the
-        # blocking read, and readline restores the terminal on the way out.
-        # Repeated until noticed: a signal that lands while readline is busy
-        # with a keystroke is only seen at the next one.
-        while True:
-            with state_lock:
-                if finished.is_set():
-                    return
-                os.kill(os.getpid(), signal.SIGINT)
-            if finished.wait(WAKE_RETRY):
-                return
-
-    client = ChatClient(sock, display, server_closed)
+    client = ChatClient(sock, display, interrupter.interrupt)
     print("Connected to chat server. Type 'exit' to leave.", flush=True)
     client.start()
     send_failed = False
     try:
-        for line in read_lines(interactive):
+        while line := interrupter.read_line(interactive):
+            line = line.rstrip("\r\n")
             if is_exit(line):
                 break
             if line.strip():
                 client.send_line(line)
     except KeyboardInterrupt:
         # Ctrl-C, or the receiver's wake-up when the server closed: the cursor
-        # may be mid-line, after half-typed text.
+        # may be mid-line, after half-typed text. From here on SIGINT does
+        # nothing: leaving is bounded; it finishes.
         if interactive:
             display.say("")
     except OSError:
         send_failed = True  # the server has gone
-    with state_lock:
-        finished.set()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # leaving is bounded; finish it
     if send_failed or client.server_closed.is_set():
         sock.close()
     else:
         client.leave()
     display.say("Disconnected from server")
-    return 0
 
 
 if __name__ == "__main__":

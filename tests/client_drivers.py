@@ -33,6 +33,8 @@ class TerminalClient:
     def __init__(self, address, sigint_ignored=False):
         master, slave = pty.openpty()
         self.master = master
+        self.initial_modes = termios.tcgetattr(master)
+        self.final_modes = None  # the terminal's settings once the client has exited
 
         def as_controlling_terminal():
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -79,6 +81,7 @@ class TerminalClient:
     def wait_exit(self, timeout=5):
         status = self.proc.wait(timeout)
         self._reader.join(5)
+        self.final_modes = termios.tcgetattr(self.master)
         self._close_terminal()
         return status
 

@@ -63,7 +63,23 @@ def test_ctrl_d_and_ctrl_c_send_exit_and_leave(server, terminal_clients, key):
     assert client.wait_exit() == 0
     assert "Disconnected from server" in client.text()
     assert "Traceback" not in client.text()
+    assert client.final_modes == client.initial_modes  # the terminal is left as found
     wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 1)
+
+
+def test_ctrl_c_right_after_fast_typing_leaves_at_once(server, terminal_clients):
+    # Ctrl-C right behind the keys: the terminal signals (and, by default,
+    # discards the keys not yet read) while readline is still taking them.
+    # Repeated, since that race is narrow.
+    for attempt in range(20):
+        client = terminal_clients(server.address)
+        client.wait_for("Connected to chat server.")
+        client.type("typed fast")
+        client.type("\x03")
+        assert client.wait_exit() == 0, attempt
+        assert screen_lines(client.output)[-2:] == ["Disconnected from server", ""]
+        assert client.final_modes == client.initial_modes
+    wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 20)
 
 
 @pytest.mark.parametrize("key", ["\x03", "server closes"], ids=["ctrl-c", "server-closes"])
@@ -82,6 +98,7 @@ def test_started_with_sigint_ignored_it_still_leaves(server, terminal_clients, k
     assert client.wait_exit() == 0
     assert screen_lines(client.output)[-2:] == ["Disconnected from server", ""]
     assert "Traceback" not in client.text()
+    assert client.final_modes == client.initial_modes
     if key != "server closes":
         wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 1)
 

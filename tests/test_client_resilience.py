@@ -3,6 +3,8 @@ hangs, never crashes with a traceback, and never passes a control sequence
 from the server to the terminal. Driven through a pseudo-terminal (as a
 person uses it) or with piped stdin (as a script does)."""
 
+import contextlib
+import os
 import random
 import re
 import socket
@@ -12,7 +14,7 @@ import time
 import pytest
 
 from client_drivers import screen_lines
-from conftest import LOOPBACK, Peer, reset
+from conftest import LOOPBACK, Peer, reset, wait_until
 from reliability_helpers import FORBIDDEN, ScriptedServer
 from test_properties import SPECIAL_TOKENS
 
@@ -295,32 +297,53 @@ def test_server_that_never_accepts_client_still_leaves_on_ctrl_d(terminal_client
         listener.close()
 
 
-@pytest.mark.timeout(30)
-def test_server_that_never_completes_the_handshake(piped_clients):
-    # backlog 0 and its queue filled: the kernel drops further SYNs, so the
-    # client's connect() waits for an answer that never comes.
+@contextlib.contextmanager
+def listener_that_never_answers():
+    """A listening address whose handshakes never complete: backlog 0 and its
+    queue filled, so the kernel drops further SYNs and connect() waits."""
     listener = socket.socket()
     listener.bind((LOOPBACK, 0))
     listener.listen(0)
-    fillers = []
-    try:
+    with contextlib.ExitStack() as fillers:
         for _ in range(3):
-            filler = socket.socket()
+            filler = fillers.enter_context(socket.socket())
             filler.setblocking(False)
             try:
                 filler.connect(listener.getsockname())
             except BlockingIOError:
                 pass
-            fillers.append(filler)
+        with listener:
+            yield listener.getsockname()
+
+
+def syn_sent_to(port):
+    """Sockets connecting to 127.0.0.1:port and still waiting for an answer."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        return sum(1 for line in table
+                   if line.split()[2] == f"0100007F:{port:04X}" and line.split()[3] == "02")
+
+
+@pytest.mark.timeout(30)
+def test_server_that_never_completes_the_handshake(piped_clients):
+    with listener_that_never_answers() as address:
         started = time.monotonic()
-        client = piped_clients(listener.getsockname())
+        client = piped_clients(address)
         assert client.wait_exit(timeout=20) == 1
         elapsed = time.monotonic() - started
         assert 9.0 < elapsed < 13.0  # its 10 s connect timeout, not forever
         assert client.output() == b""
-        port = listener.getsockname()[1]
-        assert client.err.decode() == f"Could not connect to {LOOPBACK}:{port}: timed out\n"
-    finally:
-        for filler in fillers:
-            filler.close()
-        listener.close()
+        assert client.err.decode() == f"Could not connect to {LOOPBACK}:{address[1]}: timed out\n"
+
+
+def test_ctrl_c_while_connecting_ends_the_client_at_once(terminal_clients):
+    with listener_that_never_answers() as address:
+        before = syn_sent_to(address[1])
+        client = terminal_clients(address)
+        wait_until(lambda: syn_sent_to(address[1]) > before, message="the client's connect() waiting")
+        os.write(client.master, b"\x03")  # not type(): nothing is reading the keyboard yet
+        started = time.monotonic()
+        assert client.wait_exit(timeout=5) == 130
+        assert time.monotonic() - started < 1.0
+        assert "Traceback" not in client.text()
+        assert CONNECTED not in client.text()
