@@ -596,11 +596,11 @@ class ChatServer:
                     return
                 continue  # e.g. ECONNABORTED: that client already gave up
             self._connections_total += 1
-            log.info("New connection from %s", address)
             self._admit(sock, address)
 
     def _admit(self, sock, address):
         if len(self._clients) >= self.max_clients:
+            log.info("New connection from %s", address)
             self._reject(sock, address, f"Server full ({self.max_clients} clients). Try again later.\n")
             return
         connection = ClientConnection(self, sock, address)
@@ -608,6 +608,9 @@ class ChatServer:
             self._clients += (connection,)
             self._connections.add(connection)
             connection.registered = True
+        # Logged once it is in the room: every message relayed after this
+        # line reaches it (an operator, or a test, may act on the line).
+        log.info("New connection from %s", address)
         try:
             connection.start()
         except RuntimeError as exc:  # "can't start new thread"

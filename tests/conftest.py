@@ -22,14 +22,17 @@ LOOPBACK = "127.0.0.1"
 
 
 def wait_until(predicate, timeout=5.0, message="condition"):
-    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds.
+    `message` says what was awaited: a string, or a function that says it at
+    the time of failure."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+            what = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.002)  # a poll interval, not a synchronisation point
 
 
@@ -214,7 +217,7 @@ class ServerProcess:
     def wait_for_count(self, text, n, timeout=5.0):
         """Wait until at least `n` stdout lines contain `text`."""
         return wait_until(lambda: self.count(text) >= n, timeout,
-                          message=f"{n} server lines with {text!r} (have {self.count(text)})")
+                          message=lambda: f"{n} server lines with {text!r} (have {self.count(text)})")
 
     def wait_for_error(self, text, timeout=5.0):
         return wait_until(lambda: any(text in line for line in list(self.errors)), timeout,

@@ -102,9 +102,13 @@ def low_fd_limit():
 def test_out_of_descriptors_the_server_backs_off_and_recovers(server_process):
     server = server_process("--quiet", preexec_fn=low_fd_limit)
     pid = server.proc.pid
-    own = process_usage(pid)[1]  # descriptors before any client: stdio, listener, wakeup, epoll
+    # The server's own descriptors (stdio, listener, wake-up pair, epoll),
+    # counted once it is surely serving: with one client in, less that one.
+    clients = [Peer(server.address)]
+    server.wait_for_count("New connection", 1)
+    own = process_usage(pid)[1] - 1
     capacity = FD_LIMIT - own
-    clients = [Peer(server.address) for _ in range(capacity + 12)]  # the kernel's backlog holds the rest
+    clients += [Peer(server.address) for _ in range(capacity + 11)]  # the kernel's backlog holds the rest
     server.wait_for_count("New connection", capacity)
     server.wait_for_error("Cannot accept a connection: Too many open files; pausing 0.1s")
     admitted = [c for c in clients if server.count(f"New connection from ('127.0.0.1', {c.port})")]
