@@ -223,8 +223,9 @@ class Interrupter:
     busy with a keystroke (or in another thread) is not seen until the next
     key. So once a SIGINT has arrived (the wakeup fd says so) or the server
     has closed, SIGINT is sent to the main thread again and again until its
-    handler has run. (And see keep_typeahead(): a Ctrl-C that empties the
-    terminal's input could leave readline waiting for a key, deaf to signals.) The handler raises KeyboardInterrupt only inside
+    handler has run (and see keep_typeahead(): a Ctrl-C that empties the
+    terminal's input could leave readline waiting for a key, deaf to
+    signals). The handler raises KeyboardInterrupt only inside
     interruptible() (connecting, reading a line), never while the client is
     already leaving."""
 
