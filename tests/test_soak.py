@@ -6,10 +6,12 @@ and every well-behaved client received every message sent while it was
 connected: in order, exactly once, attributed to its sender.
 
 "While it was connected" is made exact by causality, all on one clock (this
-process's): a client R is certainly registered once some other client has
-received a message from R; a message sent after that moment, and before R
-decides to leave, must reach R. When R decides to leave it keeps reading until
-it has every such message (or the test fails), then leaves.
+process's): a client R is certainly registered once the server has logged
+`New connection from` R (it logs that once R is in the room), or once some
+other client has received a message from R; a message sent after the earlier
+of those moments, and before R decides to leave, must reach R. When R decides
+to leave it keeps reading until it has every such message (or the test
+fails), then leaves. So clients that never send are checked like the others.
 
 All clients live in one selector loop in this process; the server is its own
 process, measured through /proc/<pid>/.
@@ -19,6 +21,7 @@ import bisect
 import collections
 import os
 import random
+import re
 import selectors
 import socket
 import time
@@ -42,6 +45,7 @@ DELIVERY_DEADLINE = 15.0  # seconds a leaving client waits for what it is owed
 # 256 KiB thread stack or a few KiB per connection would exceed it over
 # hundreds of connections.
 RSS_SLACK_KIB = 8 * 1024
+NEW_CONNECTION = re.compile(r"New connection from \('127\.0\.0\.1', (\d+)\)")
 
 
 class Client:
@@ -57,7 +61,7 @@ class Client:
         except BlockingIOError:
             pass
         self.sock = sock
-        self.port = None
+        self.port = sock.getsockname()[1]  # bound by connect(), before the handshake ends
         self.connected = False
         self.state = "open"  # open -> leaving (draining what it is owed) -> closing -> done
         self.lifetime_end = now + (soak.duration * 2 if kind == "observer" else self.rng.uniform(0.3, 5.0))
@@ -74,6 +78,7 @@ class Client:
         self.inbuf = bytearray()
         self.received = {}  # sender id -> [first seq, last seq]
         self.first_seen = None  # when another client first received from us
+        self.logged_in = None  # when we read the server's "New connection" line for us
         self.decided = None  # when we decided to leave
         self.owed = None  # sender id -> highest seq we must still receive
         self.owed_lowest = {}  # sender id -> lowest seq we must have received
@@ -177,8 +182,11 @@ class Client:
 
 
 class Soak:
-    def __init__(self, address, duration, seed):
+    def __init__(self, address, duration, seed, server_lines):
         self.address = address
+        self.server_lines = server_lines  # the server's stdout, growing as it runs
+        self.lines_read = 0
+        self.unlogged = collections.defaultdict(collections.deque)  # port -> clients not yet logged
         self.duration = duration
         self.seed = seed
         self.rng = random.Random(seed)
@@ -189,6 +197,7 @@ class Soak:
         self.sent_expected = collections.Counter()
         self.left = collections.Counter()  # how clients left, by the server's reason
         self.checked_owed = 0
+        self.silent_checked = 0  # clients that never sent, whose deliveries were checked
         self.frames = 0
 
     # --- loop ----------------------------------------------------------------------
@@ -197,6 +206,7 @@ class Soak:
         client = Client(self, len(self.everyone), kind, now)
         self.everyone.append(client)
         self.clients[client.id] = client
+        self.unlogged[client.port].append(client)
         self.selector.register(client.sock, client.mask, client)
         return client
 
@@ -233,14 +243,25 @@ class Soak:
             now = time.monotonic()
             if now - last_step >= 0.005:
                 last_step = now
+                self.read_server_log(now)
                 for client in list(self.clients.values()):
                     self.step(client, now)
+
+    def read_server_log(self, now):
+        """Note when each client's "New connection" line is seen (a port's
+        connections are logged in the order they were made)."""
+        while self.lines_read < len(self.server_lines):
+            match = NEW_CONNECTION.search(self.server_lines[self.lines_read])
+            self.lines_read += 1
+            if match:
+                waiting = self.unlogged.get(int(match.group(1)))
+                assert waiting, f"the server logged a connection nobody made: {match.group(0)}"
+                waiting.popleft().logged_in = now
 
     def on_connected(self, client, now):
         error = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         assert error == 0, f"connect failed: {os.strerror(error)}"
         client.connected = True
-        client.port = client.sock.getsockname()[1]
         self.by_port[client.port] = client
         client.flush()
 
@@ -316,9 +337,12 @@ class Soak:
         client.state = "leaving"
         client.decided = now
         client.owed = {}
-        if client.kind not in WELL_BEHAVED or client.first_seen is None:
-            return  # e.g. silent: it never spoke, so we cannot know when it was registered
-        registered = client.first_seen
+        self.read_server_log(now)
+        known = [moment for moment in (client.first_seen, client.logged_in) if moment is not None]
+        if client.kind not in WELL_BEHAVED or not known:
+            return  # not logged yet, nor heard by anyone: we cannot know it was registered
+        registered = min(known)
+        self.silent_checked += client.kind == "silent"
         for sender in self.everyone:
             if sender is client or sender.kind not in GUARANTEED_SENDERS or not sender.send_times:
                 continue
@@ -379,16 +403,17 @@ def test_churn_soak_loses_nothing_and_leaks_nothing(server_process):
     pid = server.proc.pid
     threads0, fds0, rss0 = process_usage(pid)
 
-    soak = Soak(server.address, duration, seed)
+    soak = Soak(server.address, duration, seed, server.lines)
     try:
         soak.run()
     finally:
         soak.close()
     clients = len(soak.everyone)
     print(f"{clients} clients, {soak.frames} frames checked, {soak.checked_owed} owed deliveries "
-          f"proven, left: {dict(soak.left)}")
+          f"proven ({soak.silent_checked} clients that never sent among them), left: {dict(soak.left)}")
     assert clients >= 100
     assert soak.checked_owed > 1000
+    assert soak.silent_checked >= 5
 
     # Every connection was logged and ended for the reason its client chose.
     server.wait_for_count(" closed (", clients, timeout=15)
