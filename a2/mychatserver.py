@@ -752,11 +752,14 @@ class ChatServer:
     def _finished(self, connection):
         """Called once a connection's threads are done: fold its counters in."""
         with self._lock:
+            # Logged under the lock: shutdown() either sees this connection
+            # (and waits for this thread) or finds the line already written,
+            # so "Server stopped" is always the last line.
+            if connection.close_reason != "shutdown":
+                log.info("Connection from %s closed (%s)", connection.address, connection.close_reason)
             self._connections.discard(connection)
             self._add_counters(self._totals, connection)
             self._disconnects[connection.close_reason] += 1
-        if connection.close_reason != "shutdown":
-            log.info("Connection from %s closed (%s)", connection.address, connection.close_reason)
 
     @staticmethod
     def _add_counters(counter, connection):

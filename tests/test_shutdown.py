@@ -129,3 +129,21 @@ def test_a_client_blocked_sending_when_the_server_stops_gets_an_error_promptly(s
     if isinstance(failed[0], socket.timeout):
         raise failed[0]  # still blocked 3 s after the server exited
     assert isinstance(failed[0], (BrokenPipeError, ConnectionResetError))
+
+
+def test_clients_leaving_as_the_server_stops_are_logged_before_it_stops(server_process):
+    # Their departures race the shutdown: each is logged before the last
+    # line, "Server stopped", or not at all (closed by the shutdown).
+    # Repeated, since the race is narrow.
+    for attempt in range(12):
+        server = server_process("--quiet")
+        clients = [Peer(server.address) for _ in range(100)]
+        server.wait_for_count("New connection", len(clients))
+        closer = threading.Thread(target=lambda: [client.close() for client in clients])
+        closer.start()
+        wait_until(lambda: server.count(" closed (closed)") >= 10)
+        status, lines, err = server.stop()
+        closer.join()
+        assert status == 0 and "Traceback" not in err
+        assert lines[-1] == "Server stopped", (attempt, lines[-3:])
+        assert sum(" closed (closed)" in line for line in lines) <= len(clients)
