@@ -136,10 +136,16 @@ def parse_frames(data, receiver_port=None):
 
 class ScriptedServer:
     """A listening socket on loopback whose every accepted connection is handed
-    to `script(conn)` in a thread: the hostile or broken server a client meets."""
+    to `script(conn)` in a thread: the hostile or broken server a client meets.
+    With hold=True a script starts only once release() is called (say, once
+    the client has shown that it is connected). A connection the script
+    leaves open stays open until close(). A context manager."""
 
-    def __init__(self, script, backlog=16):
+    def __init__(self, script, backlog=16, hold=False):
         self.script = script
+        self._released = threading.Event()
+        if not hold:
+            self._released.set()
         self.listener = socket.create_server((LOOPBACK, 0), backlog=backlog)
         self.address = self.listener.getsockname()
         self.connections = []
@@ -161,12 +167,23 @@ class ScriptedServer:
             thread.start()
 
     def _run(self, conn):
+        self._released.wait(10)
         try:
             self.script(conn)
         except OSError:
             pass
 
+    def release(self):
+        self._released.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     def close(self):
+        self._released.set()  # a held script runs now, and meets closed sockets
         try:
             self.listener.shutdown(socket.SHUT_RDWR)
         except OSError:

@@ -155,10 +155,8 @@ def test_garbage_and_escape_sequences_never_reach_stdout(piped_clients, ending):
     seed = random.randrange(2**32)
     print(f"seed {seed}")
     stream, markers, marker_spans = hostile_stream(seed, 100_000)
-    go = threading.Event()
 
     def script(conn):
-        go.wait(10)
         position = 0
         for cut in write_cuts(seed, len(stream), marker_spans):
             conn.sendall(stream[position:cut])
@@ -169,11 +167,10 @@ def test_garbage_and_escape_sequences_never_reach_stdout(piped_clients, ending):
         else:
             conn.close()
 
-    server = ScriptedServer(script)
-    try:
+    with ScriptedServer(script, hold=True) as server:
         client = piped_clients(server.address)
         client.wait_for(CONNECTED)
-        go.set()
+        server.release()
         assert client.wait_exit(timeout=10) == 0
         out = client.output()
         assert client.err == b""
@@ -184,23 +181,17 @@ def test_garbage_and_escape_sequences_never_reach_stdout(piped_clients, ending):
         if ending == "close":  # a FIN comes after every byte; a reset may cut them all
             assert shown
         assert is_in_order_subset(shown, markers + ["LAST"], cut_short=ending == "reset")
-    finally:
-        go.set()
-        server.close()
 
 
 def test_escape_sequences_never_reach_the_terminal(terminal_clients):
     seed = random.randrange(2**32)
     print(f"seed {seed}")
     stream, markers, _ = hostile_stream(seed, 50_000)
-    done = threading.Event()
 
-    def script(conn):
+    def script(conn):  # the connection stays open until the server is closed
         conn.sendall(stream + b"\nLAST\n\x1b\\\nREALLY LAST\n")
-        done.wait(10)
 
-    server = ScriptedServer(script)
-    try:
+    with ScriptedServer(script) as server:
         client = terminal_clients(server.address)
         client.wait_for("REALLY LAST", timeout=10)
         client.type("still typing\r")
@@ -211,32 +202,22 @@ def test_escape_sequences_never_reach_the_terminal(terminal_clients):
         shown = [line for line in screen_lines(client.output) if line.startswith("MARKER-")]
         assert shown and is_in_order_subset(shown, markers)
         assert screen_lines(client.output)[-2:] == [DISCONNECTED, ""]
-    finally:
-        done.set()
-        server.close()
 
 
 def test_an_unterminated_escape_string_does_not_hide_the_next_lines(piped_clients):
     # What a classmate's server (raw relays, no sanitising) passes on from a
     # hostile client, followed in the same read by someone else's message.
-    go = threading.Event()
-
     def script(conn):
-        go.wait(10)
         conn.sendall(b"51000: \x1b_hidden?\n51001: a real message\n")
         conn.close()
 
-    server = ScriptedServer(script)
-    try:
+    with ScriptedServer(script, hold=True) as server:
         client = piped_clients(server.address)
         client.wait_for(CONNECTED)
-        go.set()
+        server.release()
         assert client.wait_exit(timeout=5) == 0
         assert_clean_screen(client.output())
         assert "51001: a real message" in client.output().decode().split("\n")
-    finally:
-        go.set()
-        server.close()
 
 
 # --- the server floods -------------------------------------------------------------------
@@ -248,15 +229,12 @@ def test_a_flood_of_lines_is_shown_whole_and_the_client_exits(piped_clients):
         conn.sendall(b"".join(b"%d: line %d\n" % (40000 + i % 100, i) for i in range(count)))
         conn.close()
 
-    server = ScriptedServer(script)
-    try:
+    with ScriptedServer(script) as server:
         client = piped_clients(server.address)
         assert client.wait_exit(timeout=10) == 0
         lines = client.output().decode().split("\n")
         assert lines[1:-2] == [f"{40000 + i % 100}: line {i}" for i in range(count)]
         assert lines[-2:] == [DISCONNECTED, ""]
-    finally:
-        server.close()
 
 
 def test_a_huge_line_without_newline_cannot_hang_the_client(piped_clients):
@@ -266,15 +244,12 @@ def test_a_huge_line_without_newline_cannot_hang_the_client(piped_clients):
         conn.sendall(b"A" * size + b"\nend\n")
         conn.close()
 
-    server = ScriptedServer(script)
-    try:
+    with ScriptedServer(script) as server:
         client = piped_clients(server.address)
         assert client.wait_exit(timeout=4) == 0
         lines = client.output().decode().split("\n")
         assert lines[-3:] == ["end", DISCONNECTED, ""]
         assert "".join(lines[1:-3]) == "A" * size  # shown in full, in as many lines as it likes
-    finally:
-        server.close()
 
 
 # --- the server says nothing -------------------------------------------------------------
