@@ -7,38 +7,27 @@ with a server that is not ours."""
 import socket
 import threading
 
+from reliability_helpers import ScriptedServer
 
-class ClassmateServer:
+
+class ClassmateServer(ScriptedServer):
     def __init__(self, close_on_exit=True, greeting=None):
         self.close_on_exit = close_on_exit  # 11 of 28 never close a leaving client
         self.greeting = greeting  # bytes sent to each client on connect (hostile tests)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.address = self.listener.getsockname()
         self.clients = []
         self.chunks = []  # (port, bytes) for every recv(1024), in order
         self.exited = []  # ports that sent exactly "exit"
         self.lock = threading.Lock()
         self.connected = threading.Condition(self.lock)
-        self._threads = []
-        self._accepting = threading.Thread(target=self._accept_loop, daemon=True)
-        self._accepting.start()
+        super().__init__(self._handle)
 
-    def _accept_loop(self):
-        while True:
-            try:
-                conn, addr = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.clients.append(conn)
-                self.connected.notify_all()
-            if self.greeting:
-                conn.sendall(self.greeting)
-            thread = threading.Thread(target=self._handle, args=(conn, addr[1]), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _handle(self, conn, port):
+    def _handle(self, conn):
+        port = conn.getpeername()[1]
+        with self.lock:
+            self.clients.append(conn)
+            self.connected.notify_all()
+        if self.greeting:
+            conn.sendall(self.greeting)
         while True:
             try:
                 chunk = conn.recv(1024)
@@ -82,9 +71,3 @@ class ClassmateServer:
             except OSError:
                 pass
             conn.close()
-
-    def close(self):
-        self.listener.close()
-        self.disconnect_everyone()
-        for thread in self._threads:
-            thread.join(5)
