@@ -273,15 +273,16 @@ class Interrupter:
         finally:
             self._interruptible = False
 
-    def read_line(self, interactive):
-        """The next typed line ("" at EOF); KeyboardInterrupt once leaving is asked."""
-        with self.interruptible():
-            if not interactive:
-                return sys.stdin.readline()
-            try:
-                return input() + "\n"
-            except EOFError:
-                return ""
+
+def read_line(interactive):
+    """The next typed line, without its line ending; None at EOF (Ctrl-D)."""
+    try:
+        line = input() if interactive else sys.stdin.readline()
+    except EOFError:
+        return None
+    if not interactive and not line:
+        return None
+    return line.rstrip("\r\n")
 
 
 @contextlib.contextmanager
@@ -336,9 +337,10 @@ def chat(sock, interrupter, interactive):
     client.start()
     send_failed = False
     try:
-        while line := interrupter.read_line(interactive):
-            line = line.rstrip("\r\n")
-            if is_exit(line):
+        while True:
+            with interrupter.interruptible():
+                line = read_line(interactive)
+            if line is None or is_exit(line):
                 break
             if line.strip():
                 client.send_line(line)
