@@ -4,9 +4,9 @@ one message, relayed raw as f"{port}: {chunk}" with no newline, and only a
 chunk that is exactly "exit" ends the session. Used to prove our client works
 with a server that is not ours."""
 
-import socket
 import threading
 
+from conftest import hang_up
 from reliability_helpers import ScriptedServer
 
 
@@ -66,8 +66,4 @@ class ClassmateServer(ScriptedServer):
         with self.lock:
             clients, self.clients = list(self.clients), []
         for conn in clients:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
+            hang_up(conn)

@@ -47,6 +47,16 @@ def reset(sock):
     sock.close()
 
 
+def hang_up(sock):
+    """Close with a FIN, first waking any thread blocked in accept(), recv()
+    or send() on the socket (close() alone would not)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected, or the peer is gone already
+    sock.close()
+
+
 @contextlib.contextmanager
 def running_server(**kwargs):
     """A real ChatServer on 127.0.0.1:<free port>, serving from a thread."""

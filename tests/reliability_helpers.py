@@ -7,7 +7,7 @@ import re
 import socket
 import threading
 
-from conftest import LOOPBACK, wait_until
+from conftest import LOOPBACK, hang_up, wait_until
 
 # What must never be relayed or shown: C0 controls except TAB (and LF, which
 # only ends a frame), DEL, and the C1 controls U+0080-U+009F.
@@ -184,19 +184,11 @@ class ScriptedServer:
 
     def close(self):
         self._released.set()  # a held script runs now, and meets closed sockets
-        try:
-            self.listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.listener.close()
+        hang_up(self.listener)
         self._accepting.join(5)
         with self._lock:
             connections = list(self.connections)
         for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            conn.close()
+            hang_up(conn)
         for thread in self._threads:
             thread.join(5)
