@@ -34,7 +34,7 @@ The rules (the wire format is in cluster/README.md):
 
 import collections
 
-DEFAULT_FORGET_AFTER = 5.0   # seconds of stream time; heartbeats come every ~1 s
+DEFAULT_FORGET_AFTER = 3.0   # seconds of stream time: three heartbeats (every ~1 s) missed
 DEFAULT_REMEMBER = 1024      # forgotten nodes whose last number is kept (bounded memory)
 
 

