@@ -163,6 +163,7 @@ class Backbone:
         self._link = {"publisher": False, "reader": False}
         self._ever_connected = False
         self._warned_unreachable = False
+        self._run_id = None  # Redis's INFO run_id at the reader's last connect (new on a restart)
         self._down_since = None
         self._stats = dict.fromkeys(
             ("entries_out_total", "messages_out_total", "entries_in_total", "messages_in_total",
@@ -399,21 +400,31 @@ class Backbone:
 
     def _resume_point(self, client, last_id):
         """Where to read from after a (re)connect: the stream's end on the first
-        connect (a node joins the room now), else the last ID read, unless the
-        stream went backwards (Redis replaced or emptied): then from its start."""
+        connect (a node joins the room now), else the last ID read. The stream
+        went backwards (Redis replaced, or restarted without all its data) when
+        it is gone, ends before that ID, or - on a Redis with a new run_id - no
+        longer holds that entry: say so, and read on from where the stream now
+        ends (what was lost shows as gaps in the sequence numbers; re-reading
+        older entries would replay another Redis's history)."""
+        run_id = client.info("server").get("run_id")
+        restarted, self._run_id = self._run_id not in (None, run_id), run_id
         try:
-            info = client.xinfo_stream(self.stream)
-            newest = info["last-generated-id"]
+            newest = client.xinfo_stream(self.stream)["last-generated-id"]
         except self._redis.ResponseError:  # no such stream (yet)
             newest = None
-        if last_id is None:
+        if last_id in (None, b"0-0"):  # nothing read yet: join at the end
             return newest or b"0-0"
-        if newest is None or _id_tuple(newest) < _id_tuple(last_id):
-            log.warning("Backbone: the stream went backwards (Redis replaced or emptied: its newest "
-                        "entry is %s, this node had read up to %s); re-reading it, sequence "
-                        "numbers tell what was lost", (newest or b"none").decode(), last_id.decode())
-            return b"0-0"
-        return last_id
+        if newest is not None and _id_tuple(newest) >= _id_tuple(last_id):
+            if not (restarted and not client.xrange(self.stream, last_id, last_id, count=1)):
+                return last_id
+            resume = last_id  # emptied, then written again: everything after last_id is new
+        else:
+            resume = newest or b"0-0"
+        log.warning("Backbone: the stream went backwards (Redis replaced or emptied; this node "
+                    "had read up to %s, the stream now ends at %s): reading on from %s, "
+                    "sequence numbers tell what was lost", last_id.decode(),
+                    (newest or b"nothing").decode(), resume.decode())
+        return resume
 
     def _receive(self, entries, tracker):
         """Deliver one XREAD's entries in order; a gap closes the local clients."""

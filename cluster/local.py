@@ -75,7 +75,7 @@ class RedisServer:
                    "--appendfsync", "everysec", "--daemonize", "no",
                    "--logfile", str(self.directory / "redis.log")]
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT
         while not _ping(self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -122,7 +122,8 @@ class Node:
     def __init__(self, url, port=0, args=(), echo=None, wait=True):
         command = [sys.executable, str(SERVER_SCRIPT), "--port", str(port), "--backbone", url, *args]
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+                                     stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)  # a terminal's Ctrl-C goes to our owner
         self.lines = []
         self._listening = threading.Event()
         self.address = None

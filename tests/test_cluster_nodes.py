@@ -314,3 +314,44 @@ def test_a_bad_backbone_url_is_a_one_line_error():
     assert done.returncode == 1
     assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr, done.stderr
     assert "redis://" in done.stderr
+
+
+def test_the_demo_starts_redis_and_nodes_and_stops_them_all_on_ctrl_c():
+    from cluster.local import free_port
+    for _ in range(3):  # the demo needs N consecutive free ports: retry on a taken one
+        base = free_port()
+        demo = subprocess.Popen([sys.executable, str(ROOT / "cluster" / "demo.py"), "--nodes", "2",
+                                 "--base-port", str(base)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in demo.stdout),
+                                  daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: any("Ctrl-C stops them all" in l for l in lines) or demo.poll() is not None,
+                       timeout=20, message="the demo ready")
+            if demo.poll() is not None:
+                continue
+            pids = [int(m.group(1)) for m in map(re.compile(r"pid (\d+)").search, lines) if m]
+
+            class Fake:  # Chatter needs only .address
+                def __init__(self, port):
+                    self.address = ("127.0.0.1", port)
+            a, b = Chatter("a", Fake(base)), Chatter("b", Fake(base + 1))
+            wait_until(lambda: sum("New connection" in l for l in lines) == 2)
+            wait_until(lambda: sum("hearing node" in l for l in lines) >= 2)
+            a.send(5)
+            wait_until(lambda: b.has(a, 5))
+            check_exact(b, [a])
+            demo.send_signal(signal.SIGINT)
+            assert demo.wait(10) == 0
+            reader.join(5)
+            assert a.closed.wait(5) and b.closed.wait(5)
+            assert lines[-1] == "Stopped" and sum("Server stopped" in l for l in lines) == 2
+            assert pids and not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+            return
+        finally:
+            if demo.poll() is None:
+                demo.kill()
+                demo.wait()
+    pytest.fail("the demo did not start in 3 tries: " + " | ".join(lines[-5:]))
