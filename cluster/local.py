@@ -114,13 +114,15 @@ class RedisServer:
 
 
 class Node:
-    """`python a2/mychatserver.py --port PORT --backbone URL [args]` as a child
+    """`python a2/mychatserver.py --port PORT [args] --backbone URL` as a child
     process; its output lines are collected as they arrive (`lines`)."""
 
     LISTENING = re.compile(r"Server listening on ([\d.]+):(\d+)")
 
     def __init__(self, url, port=0, args=(), echo=None, wait=True):
-        command = [sys.executable, str(SERVER_SCRIPT), "--port", str(port), "--backbone", url, *args]
+        command = [sys.executable, str(SERVER_SCRIPT), "--port", str(port), *args]
+        if url is not None:  # None: a plain single server (the benchmark's comparison)
+            command += ["--backbone", url]
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True,
                                      start_new_session=True)  # a terminal's Ctrl-C goes to our owner
