@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from cluster.local import Node, RedisServer, start_nodes
+from cluster.local import Node, RedisServer, free_port, start_nodes
 from conftest import ROOT, SERVER_SCRIPT, wait_until
 
 pytestmark = pytest.mark.timeout(40)
@@ -317,9 +317,8 @@ def test_a_bad_backbone_url_is_a_one_line_error():
 
 
 def test_the_demo_starts_redis_and_nodes_and_stops_them_all_on_ctrl_c():
-    from cluster.local import free_port
     for _ in range(3):  # the demo needs N consecutive free ports: retry on a taken one
-        base = free_port()
+        base = free_port(2)
         demo = subprocess.Popen([sys.executable, str(ROOT / "cluster" / "demo.py"), "--nodes", "2",
                                  "--base-port", str(base)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
