@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """bench_cluster.py - one relay node vs three nodes over Redis, same clients, same load.
 
-    python loadtest/bench_cluster.py                       # ~1 minute: two rates, both set-ups
+    python loadtest/bench_cluster.py                       # ~1 minute: three rates, both set-ups
     python loadtest/bench_cluster.py --rates 1000 --duration 2
 
 Why it exists: issue 12 asks what the Redis backbone costs and carries. Each
@@ -96,9 +96,8 @@ def step(pool, kind, rate, clients, senders, duration, drain):
                                       "senders": sender_sets[w], "phases": phase_sets[w],
                                       "drain": drain, "slow": []})
                              for w in range(workers)], timeout=duration + drain + 60)
-        wall = (time.monotonic_ns() - t0) / 1e9
-        cores = {name: round((cpu_seconds(pid) - cpu0[name]) / wall, 2) for name, pid in pids.items()}
-        machine_cores = (bench.cpu_totals()[0] - machine0) / wall
+        cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
+        machine_cpu = bench.cpu_totals()[0] - machine0
         gaps = sum(node.count("backbone_gap") for node in setup.nodes)
     finally:
         try:
@@ -112,17 +111,25 @@ def step(pool, kind, rate, clients, senders, duration, drain):
     # the clients of the other workers, which are on other nodes in the cluster.
     cross = (sum(r["offered"] * (clients - counts[w]) for w, r in enumerate(results))
              if kind == "cluster" else 0)
+    # the seconds the deliveries arrived in: the send phase, or longer if the
+    # relays were still delivering after it. CPU is divided by this window
+    # (the drain that follows it is idle time).
     window = max(duration, (max(r["last_data_ns"] for r in results) - t0) / 1e9)
+    cores = {name: round(seconds / window, 2) for name, seconds in cpu.items()}
+    driver_cpu = sum(r["cpu_s"] for r in results)
     latency = bench.percentiles([r["lat_us"] for r in results], [r["lat_w"] for r in results])
-    driver_cores = round(sum(r["cpu_s"] for r in results) / wall, 2)
+    driver_cores = round(driver_cpu / window, 2)
     return {
         "setup": kind, "offered_rate": rate, "clients": clients, "senders": senders,
         "duration_s": duration, "offered_messages": offered, "expected_deliveries": expected,
         "attributed_deliveries": good, "attributed_per_s": round(good / window),
         "cross_node_per_s": round(cross / window) if good >= expected else None,
         "lost_deliveries": max(0, expected - good), "latency_ms": latency,
+        "window_s": round(window, 3), "cpu_s": {name: round(v, 2) for name, v in cpu.items()},
         "cores": cores, "driver_cores": driver_cores,
-        "other_cores": round(max(0.0, machine_cores - sum(cores.values()) - driver_cores), 2),
+        "relays_cpu_us_per_delivery": round(sum(v for k, v in cpu.items() if k != "redis-server")
+                                            / good * 1e6, 3) if good else None,
+        "other_cores": round(max(0.0, machine_cpu - sum(cpu.values()) - driver_cpu) / window, 2),
         "backbone_gap_lines": gaps,
     }
 
@@ -134,14 +141,15 @@ def row(s):
     return (f"{s['setup']:<8}{s['offered_rate']:>7,} msg/s  {s['attributed_per_s']:>10,}/s  "
             f"cross {cross:>9}/s  lost {s['lost_deliveries']:>7,}  "
             f"p50 {bench.fmt(lat['p50']):>6} p99 {bench.fmt(lat['p99']):>7} ms  "
-            f"cores: {cores} driver={s['driver_cores']:.2f} other={s['other_cores']:.2f}")
+            f"cores: {cores} driver={s['driver_cores']:.2f} other={s['other_cores']:.2f}  "
+            f"{s['relays_cpu_us_per_delivery']} us/delivery")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="One relay node vs three nodes over Redis: "
                                      "same clients, same offered load (loopback).")
-    parser.add_argument("--rates", type=lambda t: [int(x) for x in t.split(",")], default=[1000, 4000],
-                        help="offered msg/s in all, comma-separated (default: 1000,4000)")
+    parser.add_argument("--rates", type=lambda t: [int(x) for x in t.split(",")], default=[1000, 4000, 8000],
+                        help="offered msg/s in all, comma-separated (default: 1000,4000,8000)")
     parser.add_argument("--clients", type=int, default=90, help="clients in all (default: 90)")
     parser.add_argument("--senders", type=int, default=9, help="senders among them (default: 9)")
     parser.add_argument("--duration", type=float, default=4.0, help="seconds of load per step (default: 4)")
