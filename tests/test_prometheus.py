@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from a2.mychatserver import frame
+from a2.mychatserver import DISCONNECT_REASONS, frame
 from conftest import ROOT, Peer, wait_until
 from metrics.exporter import METRIC_NAMES
 
@@ -339,7 +339,7 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
             ("chat_outbound_backlog_bytes", ""): 0.0,
             ("chat_relay_latency_seconds_count", ""): 2.0,
             **{("chat_disconnects_total", reason): float(reason == "exit")
-               for reason in ("exit", "closed", "error", "slow_consumer", "rejected", "shutdown")},
+               for reason in DISCONNECT_REASONS},
         }
         selector = ('{job="chat", __name__=~"up|chat_[a-z_]+_total|chat_clients|chat_max_clients'
                     '|chat_outbound_backlog_bytes|chat_relay_latency_seconds_count"}')
