@@ -354,3 +354,33 @@ def test_the_demo_starts_redis_and_nodes_and_stops_them_all_on_ctrl_c():
                 demo.kill()
                 demo.wait()
     pytest.fail("the demo did not start in 3 tries: " + " | ".join(lines[-5:]))
+
+
+def test_a_gap_is_counted_in_the_servers_stats_as_backbone_gap():
+    """In-process: a real ChatServer with a real backbone; a peer's entries
+    skip a number; the local clients are closed and the server counts them
+    under disconnects_total["backbone_gap"]; stats()["backbone"] is the
+    backbone's own snapshot."""
+    import redis
+    from cluster.backbone import start_backbone
+    from conftest import Peer, running_server
+    with RedisServer(appendonly=False) as redis_server, running_server() as server:
+        backbone = start_backbone(server, redis_server.url(), node_port=server.address[1])
+        server.attach_backbone(backbone)
+        peers = []
+        try:
+            wait_until(lambda: server.stats()["backbone"]["connected"])
+            peers += [Peer(server.address) for _ in range(3)]
+            wait_until(lambda: server.client_count == 3)
+            direct = redis.Redis(port=redis_server.port)
+            for seq, text in ((1, "one"), (3, "three")):
+                direct.xadd("chat:room", {"n": "0123456789abcdef", "s": seq, "c": 1, "t": time.time(),
+                                          "f": f"40009: {text}\n"})
+            for peer in peers:
+                assert peer.expect_closed() == b"40009: one\n"  # what came before the gap, then the close
+            wait_until(lambda: server.stats()["disconnects_total"]["backbone_gap"] == 3)
+            stats = server.stats()["backbone"]
+            assert stats["gaps_total"] == 1 and stats["messages_in_total"] == 2 and stats["peers"] == 1
+        finally:
+            for peer in peers:
+                peer.close()
