@@ -256,3 +256,15 @@ def test_client_sanitize_keeps_text_tab_and_newline():
     from a2.mychatclient import sanitize
     assert sanitize("a\tb\nc") == "a\tb\nc"
     assert sanitize("\x1b[2J\x1b]0;t\x07x\r\x07\x9by") == "xy"
+
+
+def test_client_sanitize_removes_line_separators_and_bidi_controls_keeps_zwj():
+    from a2.mychatclient import sanitize
+    assert sanitize("hi\u2028" + "12345: forged line") == "hi12345: forged line"
+    assert sanitize("a\u2029b\u0085c") == "abc"
+    bidi = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    assert sanitize(f"x{bidi}y") == "xy"
+    emoji = "\U0001F469\u200D\U0001F4BB \U0001F468\u200D\U0001F469\u200D\U0001F467"  # ZWJ sequences
+    assert sanitize(emoji) == emoji
+    for text in (sanitize(f"hi\u2028\u2029{bidi}12345: forged"), sanitize("\x1c\x1d\x1e\x0b\x0c\r")):
+        assert len(text.splitlines()) <= 1  # nothing a Unicode-aware reader splits on
