@@ -360,8 +360,8 @@ def test_ctrl_c_while_connecting_ends_the_client_at_once(terminal_clients):
 
 # --- the server stops reading ---------------------------------------------------------
 
-# The system call a thread waits in, as /proc/<pid>/task/<tid>/syscall shows it.
-SENDTO = {"x86_64": 44, "aarch64": 206}.get(platform.machine())
+# System calls a thread waits in, as /proc/<pid>/task/<tid>/syscall shows them.
+SENDTO, FUTEX = {"x86_64": (44, 202), "aarch64": (206, 98)}.get(platform.machine(), (None, None))
 LONG_LINE = "x" * 1000  # one write of 1001 bytes: the client's pacing allows 20 a second
 needs_sendto = pytest.mark.skipif(SENDTO is None, reason="sendto's number on this machine is not known")
 
@@ -378,18 +378,20 @@ def server_that_never_reads():
         yield server
 
 
+def waiting_in(pid, tid):
+    """The system call thread `tid` of process `pid` waits in (None if running)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as state:
+            call = state.read().split()
+    except OSError:  # the thread has ended
+        return None
+    return int(call[0]) if call and call[0].lstrip("-").isdigit() else None
+
+
 def blocked_in_send(pid):
     """Whether a thread of process `pid` waits in send(): its socket's
     buffer is full (a send that does not wait is never seen sleeping)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/syscall") as state:
-                call = state.read().split()
-        except OSError:  # the thread has ended
-            continue
-        if call and call[0] == str(SENDTO):
-            return True
-    return False
+    return any(waiting_in(pid, tid) == SENDTO for tid in os.listdir(f"/proc/{pid}/task"))
 
 
 def bytes_sent(server):
@@ -449,6 +451,25 @@ def test_leaves_at_once_while_blocked_sending_piped(piped_clients, how):
             client.proc.send_signal(signal.SIGINT)  # Ctrl-C, for a script: stdin stays open
         else:
             client.proc.stdin.close()
+        started = time.monotonic()
+        assert client.wait_exit(timeout=5) == 0
+        assert time.monotonic() - started < 1.0
+        assert client.output() == f"{CONNECTED}\n{DISCONNECTED}\n".encode()
+        assert client.err == b""
+
+
+@needs_sendto
+def test_ctrl_c_while_input_waits_for_the_sender(piped_clients):
+    # Piped input far ahead of a blocked sender: the queue is full (200
+    # writes) and the main thread waits for room in it, not in a read.
+    with server_that_never_reads() as server:
+        client = piped_clients(server.address)
+        client.wait_for(CONNECTED)
+        flood_until_blocked(client, server, lambda line: client.type(line + "\n"))
+        client.type("z\n" * 300)
+        wait_until(lambda: waiting_in(client.proc.pid, client.proc.pid) == FUTEX,
+                   message="the client's main thread to wait for room in the queue")
+        client.proc.send_signal(signal.SIGINT)
         started = time.monotonic()
         assert client.wait_exit(timeout=5) == 0
         assert time.monotonic() - started < 1.0
