@@ -60,7 +60,9 @@ def test_ctrl_d_and_ctrl_c_send_exit_and_leave(server, terminal_clients, key):
     client.wait_for("Connected to chat server.")
     wait_until(lambda: server.client_count == 1)
     client.type(key)
+    started = time.monotonic()
     assert client.wait_exit() == 0
+    assert time.monotonic() - started < 1.0
     assert "Disconnected from server" in client.text()
     assert "Traceback" not in client.text()
     assert client.final_modes == client.initial_modes  # the terminal is left as found
