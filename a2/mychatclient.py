@@ -158,7 +158,7 @@ class ChatClient:
         self._closing = False  # stop now, send nothing more
         self._exit_sent = False
         self._sender_done = False
-        self._last_progress = 0.0  # when the last write went into the kernel
+        self._write_started = None  # when the write under way began; None between writes
         self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
         self._sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
 
@@ -182,46 +182,52 @@ class ChatClient:
         with self._changed:
             self._changed.notify_all()
 
-    def _wait(self, ready, deadline=None, interruptible=True):
-        """Main thread, holding _changed: wait until ready() or the deadline
-        (then False). If interruptible, a requested leave raises
-        KeyboardInterrupt here: the check is made under the lock, and wake()
-        notifies under it, so no request is missed."""
+    def _wait(self, ready, deadline=lambda: None, interruptible=True):
+        """Main thread, holding _changed: wait until ready() (True) or the
+        deadline (False). deadline() is read again at each wake-up: the
+        sender notifies as each write starts and ends. If interruptible, a
+        requested leave raises KeyboardInterrupt here: the check is made
+        under the lock, and wake() notifies under it, so none is missed."""
         while not ready():
             if interruptible and self.leave_requested.is_set():
                 raise KeyboardInterrupt
-            timeout = None if deadline is None else deadline - time.monotonic()
+            limit = deadline()
+            timeout = None if limit is None else limit - time.monotonic()
             if timeout is not None and timeout <= 0:
                 return False
             self._changed.wait(timeout)
         return True
 
+    def _stall_deadline(self):
+        """Holding _changed: when the write under way will have waited
+        STALL_LIMIT (the server has stopped reading); None between writes."""
+        return None if self._write_started is None else self._write_started + STALL_LIMIT
+
     def leave(self, at_once=False):
         """Main thread: send what is queued, then a bare "exit", then close,
         whether or not the server closes first. Bounded: it stops waiting
-        when a write has waited STALL_LIMIT (the server stopped reading).
+        once a write has waited STALL_LIMIT; what the server did not take is
+        dropped. Ctrl-C interrupts it (KeyboardInterrupt).
         at_once (Ctrl-C): drop the queue, let the write under way finish and
-        "exit" follow, and be done within EXIT_GRACE in all, without
-        interruption. Otherwise Ctrl-C interrupts it (KeyboardInterrupt)."""
+        "exit" follow, and be done within EXIT_GRACE in all, uninterrupted."""
         self.leaving = True
         started = time.monotonic()
-        deadline = started + EXIT_GRACE
+        grace_ends = started + EXIT_GRACE
         with self._changed:
             if at_once:
                 self._writes.clear()
             self._exit_requested = True
-            self._last_progress = max(self._last_progress, started)
             self._changed.notify_all()
             if at_once:
-                self._wait(lambda: self._sender_done, deadline, interruptible=False)
+                self._wait(lambda: self._sender_done,
+                           lambda: min(grace_ends, self._stall_deadline() or grace_ends),
+                           interruptible=False)
             else:
-                while not self._wait(lambda: self._sender_done, self._last_progress + STALL_LIMIT):
-                    if time.monotonic() >= self._last_progress + STALL_LIMIT:
-                        break  # the server has taken nothing for STALL_LIMIT
-                deadline = time.monotonic() + EXIT_GRACE
+                self._wait(lambda: self._sender_done, self._stall_deadline)
+                grace_ends = time.monotonic() + EXIT_GRACE
             exit_sent = self._exit_sent
         if exit_sent:
-            self._receiver.join(max(0.0, deadline - time.monotonic()))  # the server closes us
+            self._receiver.join(max(0.0, grace_ends - time.monotonic()))  # the server closes us
         self.close()
 
     def close(self):
@@ -253,10 +259,13 @@ class ChatClient:
                 wait = last_write + SEND_GAP - time.monotonic()
                 if wait > 0:
                     time.sleep(wait)  # pacing, see SEND_GAP
+                with self._changed:
+                    self._write_started = time.monotonic()
+                    self._changed.notify_all()
                 self.sock.sendall(data)  # waits while the server does not read
                 last_write = time.monotonic()
                 with self._changed:
-                    self._last_progress = last_write
+                    self._write_started = None
                     self._exit_sent = final
                     self._changed.notify_all()
                 if final:
