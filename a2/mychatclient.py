@@ -150,7 +150,7 @@ class ChatClient:
         self.display = display
         self.leave_requested = leave_requested  # an Event, set on Ctrl-C or when the server closed
         self.on_server_closed = on_server_closed
-        self.leaving = False  # set by the main thread; from then on nothing more is shown
+        self.leaving = False  # set by the main thread (under _changed); then nothing more is shown
         self.server_closed = threading.Event()  # the server ended the connection
         self._changed = threading.Condition()  # guards the six fields below
         self._writes = collections.deque()  # queued writes, at most QUEUE_LIMIT
@@ -210,10 +210,10 @@ class ChatClient:
         dropped. Ctrl-C interrupts it (KeyboardInterrupt).
         at_once (Ctrl-C): drop the queue, let the write under way finish and
         "exit" follow, and be done within EXIT_GRACE in all, uninterrupted."""
-        self.leaving = True
         started = time.monotonic()
         grace_ends = started + EXIT_GRACE
         with self._changed:
+            self.leaving = True  # under the lock: _server_gone() reports a close or we leave, not both
             if at_once:
                 self._writes.clear()
             self._exit_requested = True
