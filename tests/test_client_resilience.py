@@ -379,19 +379,27 @@ def server_that_never_reads():
 
 
 def waiting_in(pid, tid):
-    """The system call thread `tid` of process `pid` waits in (None if running)."""
+    """The system call thread `tid` of process `pid` waits in, as
+    [number, arguments...]; [] if it is running or has ended."""
     try:
         with open(f"/proc/{pid}/task/{tid}/syscall") as state:
             call = state.read().split()
     except OSError:  # the thread has ended
-        return None
-    return int(call[0]) if call and call[0].lstrip("-").isdigit() else None
+        return []
+    return [int(field, 0) for field in call[:7]] if call and call[0] != "running" else []
 
 
 def blocked_in_send(pid):
     """Whether a thread of process `pid` waits in send(): its socket's
     buffer is full (a send that does not wait is never seen sleeping)."""
-    return any(waiting_in(pid, tid) == SENDTO for tid in os.listdir(f"/proc/{pid}/task"))
+    return any(waiting_in(pid, tid)[:1] == [SENDTO] for tid in os.listdir(f"/proc/{pid}/task"))
+
+
+def waiting_on_a_lock(pid, tid):
+    """Whether the thread waits in futex() without a timeout: a lock or
+    condition, not the GIL (whose waits are timed)."""
+    call = waiting_in(pid, tid)
+    return call[:1] == [FUTEX] and call[4] == 0
 
 
 def bytes_sent(server):
@@ -467,7 +475,7 @@ def test_ctrl_c_while_input_waits_for_the_sender(piped_clients):
         client.wait_for(CONNECTED)
         flood_until_blocked(client, server, lambda line: client.type(line + "\n"))
         client.type("z\n" * 300)
-        wait_until(lambda: waiting_in(client.proc.pid, client.proc.pid) == FUTEX,
+        wait_until(lambda: waiting_on_a_lock(client.proc.pid, client.proc.pid),
                    message="the client's main thread to wait for room in the queue")
         client.proc.send_signal(signal.SIGINT)
         started = time.monotonic()
