@@ -127,6 +127,8 @@ class RunState:
         self.workers_seen = set()
         self.workers_final = set()
         self.workers_settled = set()
+        # on a worker: the final counts of this test have been sent
+        self.final_sent = False
 
     def begin_test(self):
         self.reset()
@@ -138,6 +140,7 @@ class RunState:
         self.workers_seen.clear()
         self.workers_final.clear()
         self.workers_settled.clear()
+        self.final_sent = False
 
     def reset(self):
         """A fresh tally (test start, or Locust's stats reset)."""
@@ -616,6 +619,7 @@ def on_test_stop(environment, **_kwargs):
         # send the final counts now, ahead of Locust's "client_stopped".
         environment.runner.send_message("chat_final", {
             "chat_tally": state.tally.take_unreported(), "chat_faults": state.take_unsent_faults()})
+        state.final_sent = True
         return
     if isinstance(environment.runner, MasterRunner):
         # Every worker still connected ran this test's users (or had none):
@@ -631,6 +635,10 @@ def on_test_stop(environment, **_kwargs):
 def send_tally(client_id, data, **_kwargs):
     data["chat_tally"] = state.tally.take_unreported()
     data["chat_faults"] = state.take_unsent_faults()
+    # Gathered after the final counts were sent, so Locust's own statistics
+    # in this report (gathered at the same moment) are complete as well. (A
+    # report gathered earlier may still be on its way: it does not count.)
+    data["chat_after_final"] = state.final_sent
 
 
 def merge_report(client_id, data):
@@ -645,7 +653,7 @@ def receive_tally(client_id, data, **_kwargs):
     if "chat_tally" not in data:
         return
     merge_report(client_id, data)
-    if client_id in state.workers_final:
+    if data.get("chat_after_final") and client_id in state.workers_final:
         state.workers_settled.add(client_id)
         if not state.running and not state.missing_final_reports:
             # The last worker's last report is in. Locust's own listener (which
@@ -761,10 +769,10 @@ def keep_writing_delivery_csv(environment):
 
 def view_rows(current):
     """The Delivery view's table: (figure, value) rows, then the last faults."""
-    rows = [{"figure": "state", "value": f"test {current['test']}: {current['state']}"}]
-    rows += [{"figure": label, "value": text} for label, text in chatwire.figures(
+    rows = [{"figure": label, "value": text} for label, text in chatwire.figures(
         current["counts"], p50_ms=current["broadcast_p50_ms"], p99_ms=current["broadcast_p99_ms"],
         latency_target_ms=current["latency_target_ms"], problems=current["problems"])]
+    rows.insert(1, {"figure": "state", "value": f"test {current['test']}: {current['state']}"})
     if current["connections_by_node"]:
         rows.append({"figure": "connections by node", "value": ", ".join(
             f"{node} {n}" for node, n in sorted(current["connections_by_node"].items()))})
@@ -810,7 +818,12 @@ def delivery_html(environment):
 
 
 def inject_html(environment, report):
-    return report.replace("</body>", delivery_html(environment) + "\n</body>", 1)
+    """The report with the section added at the end of its body. (The last
+    "</body>": the report's inlined scripts contain the string too.)"""
+    end = report.rfind("</body>")
+    if end < 0:
+        return report + delivery_html(environment)
+    return report[:end] + delivery_html(environment) + "\n" + report[end:]
 
 
 def write_delivery_html(environment):
