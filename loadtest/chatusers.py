@@ -197,27 +197,37 @@ def chat_option(environment, name, default):
 
 # --- identities ------------------------------------------------------------------------
 
-def new_sender_id():
+def new_sender_id(node_index=None):
     """A name for one connection, unique across processes and machines: a
-    random tag per process plus a counter. The tag is drawn lazily, in the
-    process itself: --processes forks after importing this file, and the
-    children must not share the parent's tag."""
+    random tag per process plus a counter, and "@<index>" of its relay node
+    with --chat-hosts. The tag is drawn lazily, in the process itself:
+    --processes forks after importing this file, and the children must not
+    share the parent's tag."""
     if state.process_tag_pid != os.getpid():
         state.process_tag, state.process_tag_pid = secrets.token_hex(4), os.getpid()
-    return f"{state.process_tag}.{next(state.connection_numbers)}"
+    sender = f"{state.process_tag}.{next(state.connection_numbers)}"
+    return sender if node_index is None else f"{sender}@{node_index}"
 
 
 def next_address(environment, host):
-    """The relay node for a new user: the next --chat-hosts entry in turn,
-    or `host` (--host) without --chat-hosts. Raises ValueError for a bad one.
+    """The relay node for a new user, as (address, node index): the next
+    --chat-hosts entry in turn, or `host` (--host, index None) without
+    --chat-hosts. Raises ValueError for a bad one.
     The turn starts at the worker's index, so that in a distributed run the
     workers' first users do not all land on the first node."""
     nodes = chatwire.parse_hosts(chat_option(environment, "chat_hosts", ""))
     if not nodes:
-        return chatwire.parse_address(host)
+        return chatwire.parse_address(host), None
     if state.host_turns is None:
         state.host_turns = itertools.count(getattr(environment.runner, "worker_index", 0) or 0)
-    return nodes[next(state.host_turns) % len(nodes)]
+    index = next(state.host_turns) % len(nodes)
+    return nodes[index], index
+
+
+def node_names(environment):
+    """--chat-hosts entries by index, as node_name gives them."""
+    return [chatwire.node_name(address)
+            for address in chatwire.parse_hosts(chat_option(environment, "chat_hosts", ""))]
 
 
 # --- one connection --------------------------------------------------------------------
@@ -232,10 +242,11 @@ class ChatClient:
     and a failure row per fault, named after it.
     """
 
-    def __init__(self, environment, address):
+    def __init__(self, environment, address, node_index=None):
         self.environment = environment
         self.address = address
-        self.sender = new_sender_id()
+        self.node_index = node_index
+        self.sender = new_sender_id(node_index)
         self.sock = None
         self.port = None
         self.seq = 0
@@ -409,6 +420,15 @@ class ChatClient:
                 self.fault(UnexpectedDisconnect(detail))
             self.closed.set()
 
+    def _count_route(self, sender):
+        """With --chat-hosts: one delivery from the sender's node to ours."""
+        from_index = chatwire.sender_node(sender)
+        if self.node_index is None or from_index is None:
+            return
+        names = node_names(self.environment)
+        if from_index < len(names):
+            state.tally.add_route(names[from_index], self.node)
+
     def _on_line(self, line):
         received = time.time()
         if self.finished:
@@ -433,6 +453,7 @@ class ChatClient:
         elif fault is None:
             self.fire("broadcast", response_time=max(0.0, (received - token.sent) * 1000),
                       length=len(line) + 1)
+            self._count_route(token.sender)
         if fault is not None:
             self.fault(fault(f"message {token.seq} from sender {token.sender}"))
         if newly_lost:
@@ -453,6 +474,7 @@ class ChatUser(User):
     def __init__(self, environment):
         super().__init__(environment)
         self.address = None
+        self.node_index = None
         self.chat = None
 
     def wait_time(self):
@@ -462,7 +484,7 @@ class ChatUser(User):
     def connect(self):
         """Open a fresh connection (a new sender, sequence from 1). A relay that
         cannot be reached is a `connect` failure; the next task tries again."""
-        self.chat = ChatClient(self.environment, self.address)
+        self.chat = ChatClient(self.environment, self.address, self.node_index)
         try:
             self.chat.open()
         except OSError:
@@ -476,7 +498,7 @@ class ChatUser(User):
     def on_start(self):
         # A --host (or --chat-hosts entry) that is not HOST:PORT raises here:
         # loudly, as Locust reports an error in on_start, not as an idle user.
-        self.address = next_address(self.environment, self.host)
+        self.address, self.node_index = next_address(self.environment, self.host)
         try:
             self.connect()
         except BaseException:
@@ -533,7 +555,8 @@ def snapshot(environment, missing_final_reports=0):
     target = chat_option(environment, "chat_latency_target", DEFAULT_LATENCY_TARGET)
     problems = chatwire.judge(counts, p99_ms=p99, latency_target_ms=target,
                               locust_failures=environment.stats.total.num_failures,
-                              missing_final_reports=missing_final_reports)
+                              missing_final_reports=missing_final_reports,
+                              nodes=state.tally.nodes, routes=state.tally.routes)
     return {
         "test": state.test_number,
         "state": "running" if state.running else "stopped",
@@ -546,6 +569,7 @@ def snapshot(environment, missing_final_reports=0):
         "broadcast_p99_ms": p99,
         "latency_target_ms": target,
         "connections_by_node": dict(state.tally.nodes),
+        "deliveries_by_route": dict(state.tally.routes),
         "recent_faults": list(state.recent_faults),
         "workers_reporting": len(state.workers_seen) if isinstance(environment.runner, MasterRunner) else None,
     }
@@ -562,7 +586,8 @@ def finish_test(environment):
         result["counts"], p50_ms=result["broadcast_p50_ms"], p99_ms=result["broadcast_p99_ms"],
         latency_target_ms=result["latency_target_ms"],
         locust_failures=environment.stats.total.num_failures,
-        missing_final_reports=state.missing_final_reports, nodes=result["connections_by_node"])
+        missing_final_reports=state.missing_final_reports, nodes=result["connections_by_node"],
+        routes=result["deliveries_by_route"])
     state.results.append(result)
     (log.info if result["passed"] else log.error)("\n".join(lines))
     write_delivery_csv(environment)
@@ -722,7 +747,7 @@ def add_delivery_to_json(**_kwargs):
 CSV_COLUMNS = ["Test", "State", "Verdict", "Messages Sent", "Expected Deliveries", "Delivered",
                "Lost", "Loss Ratio", "Duplicates", "Reordered", "Bad Frames", "Wrong Port",
                "Echoed", "Unexpected Disconnects", "Broadcast p50 (ms)", "Broadcast p99 (ms)",
-               "Connections By Node"]
+               "Connections By Node", "Deliveries By Route"]
 
 
 def delivery_rows(environment):
@@ -745,7 +770,8 @@ def delivery_csv(environment):
                         + [counts[counter] for counter in ("duplicate", "reordered", "bad_frame",
                                                            "wrong_port", "echoed", "unexpected_disconnect")]
                         + [row["broadcast_p50_ms"], row["broadcast_p99_ms"],
-                           " ".join(f"{node}={n}" for node, n in sorted(row["connections_by_node"].items()))])
+                           " ".join(f"{node}={n}" for node, n in sorted(row["connections_by_node"].items())),
+                           "; ".join(f"{route}={n}" for route, n in sorted(row["deliveries_by_route"].items()))])
     return out.getvalue()
 
 
@@ -776,6 +802,10 @@ def view_rows(current):
     if current["connections_by_node"]:
         rows.append({"figure": "connections by node", "value": ", ".join(
             f"{node} {n}" for node, n in sorted(current["connections_by_node"].items()))})
+    if len(current["connections_by_node"]) > 1:
+        rows.append({"figure": "deliveries across nodes", "value": ", ".join(
+            f"{route} {n}" for route, n in sorted(current["deliveries_by_route"].items())
+            if route.split(" -> ")[0] != route.split(" -> ")[1]) or "none"})
     if current["workers_reporting"] is not None:
         rows.append({"figure": "workers reporting", "value": str(current["workers_reporting"])})
     for fault in reversed(current["recent_faults"]):

@@ -22,7 +22,10 @@ The wire, as the load generator uses it
         chat1|<sender>|<seq>|<port>|<sent>|<padding length>|xxxx...
 
     sender   one TCP connection of one simulated user, unique across
-             processes and machines ("<random process tag>.<counter>")
+             processes and machines ("<random process tag>.<counter>"); with
+             several relay nodes (--chat-hosts), "@<node index>" follows: the
+             node the sender is connected to, so receivers can tell that
+             messages cross from node to node
     seq      1, 2, 3, ... per sender (per connection)
     port     the sender's own local port: the receiver checks the relay's
              `PORT:` prefix against it
@@ -57,7 +60,7 @@ TOKEN_MAGIC = "chat1"
 REORDER_WINDOW = 64
 
 _TOKEN = re.compile(
-    r"chat1\|(?P<sender>[0-9a-z]+\.\d+)\|(?P<seq>\d+)\|(?P<port>\d+)"
+    r"chat1\|(?P<sender>[0-9a-z]+\.\d+(?:@\d+)?)\|(?P<seq>\d+)\|(?P<port>\d+)"
     r"\|(?P<sent>\d+\.\d+)\|(?P<padding>\d+)\|(?P<pad>x*)\Z"
 )
 _FRAME = re.compile(r"(?P<port>\d{1,5}): (?P<message>.*)\Z", re.DOTALL)
@@ -163,6 +166,16 @@ def parse_hosts(text):
     return addresses
 
 
+def sender_node(sender):
+    """The --chat-hosts index in a sender id ("tag.7@1" -> 1), or None."""
+    _, at, index = sender.partition("@")
+    return int(index) if at else None
+
+
+def route_name(from_node, to_node):
+    return f"{from_node} -> {to_node}"
+
+
 def node_name(address):
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -259,8 +272,10 @@ class RunTally:
     def __init__(self):
         self.counts = collections.Counter()
         self.nodes = collections.Counter()
+        self.routes = collections.Counter()
         self._unreported = collections.Counter()
         self._unreported_nodes = collections.Counter()
+        self._unreported_routes = collections.Counter()
 
     def add(self, counter, amount=1):
         if counter not in COUNTERS:
@@ -273,11 +288,22 @@ class RunTally:
         self.nodes[node] += 1
         self._unreported_nodes[node] += 1
 
+    def add_route(self, from_node, to_node):
+        """One good delivery from a sender on node `from_node` to a receiver
+        on `to_node` (names, as node_name gives them)."""
+        route = route_name(from_node, to_node)
+        self.routes[route] += 1
+        self._unreported_routes[route] += 1
+
     def take_unreported(self):
         delta = dict(self._unreported)
         if self._unreported_nodes:
             delta["nodes"] = dict(self._unreported_nodes)
-        self._unreported, self._unreported_nodes = collections.Counter(), collections.Counter()
+        if self._unreported_routes:
+            delta["routes"] = dict(self._unreported_routes)
+        self._unreported = collections.Counter()
+        self._unreported_nodes = collections.Counter()
+        self._unreported_routes = collections.Counter()
         return delta
 
     def merge(self, delta):
@@ -286,12 +312,13 @@ class RunTally:
                 self.counts[counter] += amount
         for node, amount in delta.get("nodes", {}).items():
             self.nodes[node] += amount
+        for route, amount in delta.get("routes", {}).items():
+            self.routes[route] += amount
 
     def reset(self):
-        self.counts.clear()
-        self.nodes.clear()
-        self._unreported.clear()
-        self._unreported_nodes.clear()
+        for counter in (self.counts, self.nodes, self.routes, self._unreported,
+                        self._unreported_nodes, self._unreported_routes):
+            counter.clear()
 
 
 # --- loss, duplicate and reorder accounting for one receiving connection -----------
@@ -428,10 +455,21 @@ def loss_percent(lost, expected):
     return f"{percent:.{decimals}f}%"
 
 
+def silent_routes(nodes, routes):
+    """With several relay nodes: the pairs of nodes (both with connections)
+    between which not one message was delivered. Each receiver's expectations
+    come from what it sees (first..last seen per sender), so nodes that do not
+    share one room would pass them; this is what catches that."""
+    used = sorted(node for node, connections in (nodes or {}).items() if connections)
+    return [route_name(a, b) for a in used for b in used
+            if a != b and not (routes or {}).get(route_name(a, b))]
+
+
 def judge(counts, *, p99_ms=None, latency_target_ms=0.0, locust_failures=0,
-          missing_final_reports=0):
+          missing_final_reports=0, nodes=None, routes=None):
     """What is wrong with a run: a list of reasons, empty exactly when the run
-    proves the relay delivered everything it should."""
+    proves the relay delivered everything it should. `nodes` and `routes`
+    (RunTally.nodes/.routes) matter with several relay nodes."""
     problems = []
     for counter in FAULT_COUNTERS:
         if counts.get(counter, 0):
@@ -444,6 +482,9 @@ def judge(counts, *, p99_ms=None, latency_target_ms=0.0, locust_failures=0,
     if missing_final_reports:
         problems.append(f"{missing_final_reports} worker(s) sent no report after their users stopped, "
                         "so the counts are incomplete")
+    silent = silent_routes(nodes, routes) if counts.get("delivered", 0) else []
+    if silent:
+        problems.append(f"no delivery across nodes {', '.join(silent)} (do they share one room?)")
     if locust_failures:
         problems.append(f"{locust_failures} Locust failures in all (see the failure table)")
     return problems
@@ -470,14 +511,15 @@ def figures(counts, *, p50_ms=None, p99_ms=None, latency_target_ms=0.0, problems
 
 
 def summarize(counts, *, p50_ms=None, p99_ms=None, latency_target_ms=0.0, locust_failures=0,
-              missing_final_reports=0, nodes=None):
+              missing_final_reports=0, nodes=None, routes=None):
     """The end-of-test report. Returns (lines, problems): problems is empty
     exactly when the run proves the relay delivered everything it should.
     `nodes` ({"HOST:PORT": connections}) adds a line when users were spread
     over more than one relay node."""
     problems = judge(counts, p99_ms=p99_ms, latency_target_ms=latency_target_ms,
-                     locust_failures=locust_failures, missing_final_reports=missing_final_reports)
-    width = max(len(label) for label in _LABELS.values())
+                     locust_failures=locust_failures, missing_final_reports=missing_final_reports,
+                     nodes=nodes, routes=routes)
+    width = max(len(label) for label in (*_LABELS.values(), "deliveries across nodes"))
     lines = ["Chat delivery check"]
     for counter in COUNTERS:
         lines.append(f"  {_LABELS[counter]:<{width}}  {counts.get(counter, 0)}")
@@ -489,6 +531,10 @@ def summarize(counts, *, p50_ms=None, p99_ms=None, latency_target_ms=0.0, locust
     if nodes and len(nodes) > 1:
         lines.append(f"  {'connections by node':<{width}}  "
                      + ", ".join(f"{node} {count}" for node, count in sorted(nodes.items())))
+        across = {route: n for route, n in (routes or {}).items()
+                  if route.split(" -> ")[0] != route.split(" -> ")[1]}
+        lines.append(f"  {'deliveries across nodes':<{width}}  "
+                     + (", ".join(f"{route} {n}" for route, n in sorted(across.items())) or "none"))
     if problems:
         lines.append("  RESULT: FAIL - " + "; ".join(problems))
     else:

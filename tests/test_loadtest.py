@@ -199,3 +199,50 @@ def test_two_processes_report_losses_to_the_master(tmp_path):
     assert run.returncode == 1, run
     assert run.failure_names == {"lost message"}, run
     assert run.summary()["lost"] == run.requests("lost message")[1] > 0, run
+
+
+def test_chat_hosts_spreads_users_over_the_nodes(server_process, tmp_path):
+    # Two entries for the same relay (a real multi-node test needs the
+    # cluster's shared room): the users are spread round-robin over both
+    # entries, and every delivery is still checked, across them.
+    server = server_process("--quiet")
+    port = server.address[1]
+    nodes = [f"127.0.0.1:{port}", f"localhost:{port}"]
+    run = run_locust(server.address, tmp_path, "--chat-hosts", ",".join(nodes))
+    assert_clean(run)
+    line = re.search(r"^  connections by node\s+(.*)$", run.output, re.MULTILINE)
+    assert line, run
+    counts = dict((node, int(n)) for node, n in re.findall(r"(\S+) (\d+)", line[1]))
+    assert sorted(counts) == sorted(nodes), run
+    # Each user keeps its node; 20 users alternate, so the first connections
+    # split evenly and churn reconnects add to both.
+    assert min(counts.values()) >= USERS // 2, run
+    assert sum(counts.values()) == run.requests("connect")[0], run
+    # Messages crossed between the two entries, both ways.
+    across = re.search(r"^  deliveries across nodes\s+(.*)$", run.output, re.MULTILINE)
+    routes = dict((route, int(n)) for route, n in re.findall(r"(\S+ -> \S+) (\d+)", across[1]))
+    assert sorted(routes) == [f"{nodes[0]} -> {nodes[1]}", f"{nodes[1]} -> {nodes[0]}"], run
+    assert min(routes.values()) > 0, run
+
+
+def test_chat_hosts_fails_nodes_that_do_not_share_one_room(server_process, tmp_path):
+    # Two relays that are not connected to each other: every receiver hears
+    # only its own node, so each sender's sequence looks whole - and the run
+    # must still fail, because nothing crossed from node to node.
+    first, second = server_process("--quiet"), server_process("--quiet")
+    nodes = [f"{LOOPBACK}:{first.address[1]}", f"{LOOPBACK}:{second.address[1]}"]
+    run = run_locust(first.address, tmp_path, "--chat-hosts", ",".join(nodes), run_time="2s")
+    assert run.returncode == 1, run
+    assert run.failures == [], run  # no delivery fault: each room on its own is fine
+    a, b = sorted(nodes)
+    assert (f"RESULT: FAIL - no delivery across nodes {a} -> {b}, {b} -> {a} "
+            "(do they share one room?)") in run.output, run
+
+
+def test_bad_chat_hosts_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+                           "-u", "1", "-t", "1s", "--chat-hosts", "127.0.0.1:1,,127.0.0.1:2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 2, proc
+    assert "--chat-hosts has an empty entry" in proc.stderr, proc
+    assert "Traceback" not in proc.stderr, proc
