@@ -40,9 +40,15 @@ Where the verdict is shown
     When a test stops (Stop button, POST /stop, -t elapsing, quitting) the
     summary and its verdict are logged; the exit code fails if any test of
     the run failed. While a test runs, the web UI has a "Delivery" tab (the
-    same figures, live, next to Statistics), and the outputs carry them:
+    same figures, live, after the Logs tab), and the outputs carry them:
     <prefix>_delivery.csv beside --csv, an entry in --json-file, a section in
     --html and in the web UI's downloadable report.
+
+Options
+    The --chat-* options are added to Locust's parser (init_command_line_parser),
+    so they work on the command line and in the web UI's start form under
+    "Custom parameters"; `locust --help` does not list them, because Locust
+    prints its help before loading this file. loadtest/README.md lists them.
 """
 
 import collections
@@ -642,8 +648,11 @@ def on_test_stop(environment, **_kwargs):
     if is_worker(environment):
         # Our users have stopped, so their last connections are settled:
         # send the final counts now, ahead of Locust's "client_stopped".
-        environment.runner.send_message("chat_final", {
-            "chat_tally": state.tally.take_unreported(), "chat_faults": state.take_unsent_faults()})
+        final = {"chat_tally": state.tally.take_unreported(), "chat_faults": state.take_unsent_faults()}
+        try:
+            environment.runner.send_message("chat_final", final)
+        except Exception as exc:  # the master is gone: it will count us as missing
+            log.warning("could not send the final counts to the master: %s", exc)
         state.final_sent = True
         return
     if isinstance(environment.runner, MasterRunner):
