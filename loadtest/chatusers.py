@@ -555,17 +555,21 @@ def broadcast_percentiles(environment):
 
 def snapshot(environment, missing_final_reports=0):
     """The current test's figures, on the master or the single process: the
-    source of the Delivery view, the summary, and every output."""
+    source of the Delivery view, the summary, and every output.
+    `missing_final_reports` None: the test has stopped and the master is
+    still waiting for them (not yet a fault)."""
     counts = dict(state.tally.counts)
     p50, p99 = broadcast_percentiles(environment)
     target = chat_option(environment, "chat_latency_target", DEFAULT_LATENCY_TARGET)
     problems = chatwire.judge(counts, p99_ms=p99, latency_target_ms=target,
                               locust_failures=environment.stats.total.num_failures,
-                              missing_final_reports=missing_final_reports,
+                              missing_final_reports=missing_final_reports or 0,
                               nodes=state.tally.nodes, routes=state.tally.routes)
     return {
         "test": state.test_number,
-        "state": "running" if state.running else "stopped",
+        "state": ("running" if state.running else
+                  "stopped, waiting for the workers' final counts" if missing_final_reports is None
+                  else "stopped"),
         "verdict": chatwire.verdict(problems),
         "passed": not problems,
         "problems": problems,
@@ -830,7 +834,8 @@ def view_rows(current):
 def current_figures(environment):
     """What the view shows: the test in progress, or else the last one finished."""
     if state.test_number and not state.judged:
-        return snapshot(environment)
+        waiting = not state.running and state.missing_final_reports
+        return snapshot(environment, missing_final_reports=None if waiting else 0)
     return state.results[-1] if state.results else snapshot(environment)
 
 
