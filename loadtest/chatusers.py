@@ -623,6 +623,11 @@ def on_init(environment, runner=None, web_ui=None, **_kwargs):
         add_delivery_view(environment, web_ui)
     if not is_worker(environment) and chat_option(environment, "csv_prefix", None):
         gevent.spawn(keep_writing_delivery_csv, environment)
+    # Locust arms -t with gevent.spawn_later, which counts from the event
+    # loop's cached clock: that clock stands still while startup blocks (the
+    # imports, on a loaded machine seconds), and -t 2s could elapse at once,
+    # before a single delivery. Bring it up to date.
+    gevent.get_hub().loop.update_now()
 
 
 @events.test_start.add_listener

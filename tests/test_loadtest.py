@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -256,3 +257,27 @@ def test_reset_stats_option_resets_the_tally_with_locusts_table(server_process, 
     run = run_locust(server.address, tmp_path, "--reset-stats", rate=USERS // 2, run_time="4s")
     assert "Resetting stats" in run.output, run
     assert_clean(run)
+
+
+def test_run_time_counts_from_the_start_even_after_a_slow_startup(server_process, tmp_path):
+    # On a loaded machine startup can block for seconds; gevent's loop clock
+    # stands still meanwhile, and Locust's -t timer (spawn_later) would fire
+    # at once. A locustfile that imports chatusers and then blocks 2 s
+    # stands in for that startup.
+    slow = tmp_path / "slow_locustfile.py"
+    slow.write_text(f"import sys, time\nsys.path.insert(0, {str(LOCUSTFILE.parent)!r})\n"
+                    "from chatusers import *  # noqa\n"
+                    "started = time.perf_counter()\n"
+                    "while time.perf_counter() - started < 2:\n    pass\n")
+    server = server_process("--quiet")
+    proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(slow), "--headless", "-u", "5",
+                           "-r", "5", "-t", "2s", "--host", f"tcp://{LOOPBACK}:{server.address[1]}",
+                           "--only-summary"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, timeout=40)
+    stamps = [re.match(r"\[(\S+ \S+),(\d+)\]", line) for line in proc.stdout.splitlines()
+              if "Run time limit set" in line or "--run-time limit reached" in line]
+    assert len(stamps) == 2, proc.stdout
+    armed, reached = (time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
+                      for m in stamps)
+    assert reached - armed >= 1.9, proc.stdout
+    assert proc.returncode == 0 and "RESULT: PASS" in proc.stdout, proc.stdout
