@@ -815,6 +815,9 @@ def run_sweep(run):
         result["capacity"]["ratio_at_least"] = round(cap / lowest, 1)
         result["capacity"]["note"] = (f"the baseline failed at every rate swept (lowest {lowest:,}/s): "
                                       f"the ratio is more than {cap / lowest:.1f}")
+    top = max(cfg["rates"])
+    result["capacity"]["at_least"] = sorted(k for k, cap in result["capacity"].items()
+                                            if k in result["sweep"] and cap == top)
     result["comparison"] = compare(result)
 
 
@@ -871,12 +874,23 @@ def run_overload(run):
     print(f"\n== overload: {rate:,} msg/s ({rate / cap:.2g} x the project's capacity {cap:,}), "
           f"{duration:g} s" + (f" ({note})" if note else ""))
     print(HEADER, flush=True)
+    calibrated = max([s["offered_rate"] for s in result["calibration"]] or [0])
+    reference = None
+    if "calibration" in run.args.only and rate > calibrated:
+        # Above the calibrated rates: can the driver itself offer and count this much?
+        reference = run.step("reference", rate, duration=duration, drain=cfg["drain"] + duration, metrics=False)
+        result["overload_calibration"] = reference
     for kind in kinds:
         step = run.step(kind, rate, duration=duration, drain=cfg["drain"] + duration, over_time=True)
         at_cap = next((s for s in result["sweep"].get(kind) or [] if s["offered_rate"] == cap), None)
-        result["overload"][kind] = overload_summary(step, at_cap, cap)
+        summary = result["overload"][kind] = overload_summary(step, at_cap, cap)
         if note:
-            result["overload"][kind]["note"] = note
+            summary["note"] = note
+        if reference:
+            summary["reference_loss_at_this_rate"] = reference["loss"]
+            summary["summary"] += (f"; the reference relay at this rate lost {reference['loss']:.2%}"
+                                   + ("" if reference["lost_deliveries"] == 0 else
+                                      " (the driver is a limit here: the relay's figures are bounded by it)"))
         by_second = " ".join(fmt(b["p99_ms"], "{:.0f}") for b in step["latency_by_second"])
         print(f"   {kind} p99 by second of sending (ms): {by_second}; slow-consumer drops "
               f"{step['relay_slow_consumer_drops']} ({step['slow_consumer_drops_from']}), "
@@ -1079,8 +1093,9 @@ def print_summary(result):
     caps = result["capacity"]
     if caps:
         swept = [k for k in ORDER if k in caps]
+        at_least = caps.get("at_least") or []
         print("\ncapacity (zero loss, p99 <= 50 ms): "
-              + ", ".join(f"{k} {caps[k]:,} msg/s" for k in swept)
+              + ", ".join(f"{k} {'at least ' if k in at_least else ''}{caps[k]:,} msg/s" for k in swept)
               + (f", project with metrics off {caps['project_metrics_off']:,}" if "project_metrics_off" in caps else ""))
         comparison = result.get("comparison") or {}
         ratios = comparison.get("capacity_vs_baseline")

@@ -163,6 +163,13 @@ def test_overload_step_runs_at_one_and_a_half_times_capacity(report):
     assert overload["lost_deliveries"] == 0 and overload["reading_clients_closed"] == 0
     assert overload["slow_consumer_drops"] == 0 and overload["met"] is True
     assert "previous" not in result["overload"]  # smoke: the project only
+    # Above the calibrated rates the driver is calibrated again, at the overload rate.
+    if overload["rate"] > max(s["offered_rate"] for s in result["calibration"]):
+        reference = result["overload_calibration"]
+        assert reference["relay"] == "reference" and reference["offered_rate"] == overload["rate"]
+        assert overload["reference_loss_at_this_rate"] == reference["loss"]
+    else:
+        assert "overload_calibration" not in result
 
 
 def test_slow_reader_and_metrics_cost_are_reported(report):
