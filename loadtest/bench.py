@@ -863,7 +863,9 @@ def run_overload(run):
     note = None
     if run.args.overload_rate:
         rate = run.args.overload_rate
-        cap = cap or round(rate / OVERLOAD_FACTOR)
+        if not cap:
+            cap = round(rate / OVERLOAD_FACTOR)
+            note = f"rate from --overload-rate, no sweep capacity: {cap:,} assumed"
     else:
         if not cap:  # nothing passed: overload the lowest rate swept instead, and say so
             cap = min(cfg["rates"])
