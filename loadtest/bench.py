@@ -835,9 +835,7 @@ def run_metrics_cost(run):
 
 def run_scale(run):
     cfg = run.cfg
-    kinds = [k for k in ("project", "previous") if k in run.relays] or ["project"]
-    if cfg["scale_baseline"] and "baseline" in run.relays:
-        kinds.append("baseline")
+    kinds = [k for k in run.relays if k != "baseline" or cfg["scale_baseline"]]
     print("\n== scale: clients connected to one relay process")
     print(f"{'relay':<10}{'clients':>8}{'connect s':>11}{'ready s':>9}{'RSS MiB':>9}"
           f"{'KiB/client':>12}{'threads':>9}{'+const':>7}{'broadcast ms':>14}")
@@ -859,6 +857,9 @@ def run_overload(run):
     then as long again to deliver the backlog (a relay that holds the excess
     back rather than dropping it needs that time)."""
     cfg, result = run.cfg, run.result
+    if "project" not in run.relays:
+        print("\n== overload: skipped (it is the project's promise: add project to --relays)", flush=True)
+        return
     cap = result["capacity"].get("project") or 0
     note = None
     if run.args.overload_rate:
@@ -901,10 +902,12 @@ def run_overload(run):
 
 def run_slow_reader(run):
     cfg = run.cfg
+    kinds = [k for k in ("project", "baseline") if k in run.relays and (k == "project" or cfg["slow_baseline"])]
+    if not kinds:
+        return
     print(f"\n== slow reader: one extra client reading 1 KiB every 100 ms "
           f"({cfg['slow_rate']:,} msg/s offered)")
     print(HEADER, flush=True)
-    kinds = ["project"] + (["baseline"] if cfg["slow_baseline"] and "baseline" in run.relays else [])
     for kind in kinds:
         without, with_slow = [], []
         for _ in range(cfg["repeats"] if kind == "project" else 1):
