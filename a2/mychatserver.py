@@ -130,8 +130,9 @@ THREAD_STACK_SIZE = 256 * 1024  # our threads recurse little; thousands must fit
 # The GIL's switch interval for the server process (Python's default: 5 ms).
 # Every thread waiting for the GIL wakes once per interval to ask for it: when
 # thousands of readers wake at once (a mass departure, shutdown) that herd
-# starved the accept loop and the Sender for seconds. Our threads give the GIL
-# up at every socket call, so a longer interval delays none of them otherwise.
+# starves the accept loop and the Sender (loadtest/BENCHMARK.md). Our threads
+# give the GIL up at every socket call, so a longer interval delays none of
+# them otherwise.
 SWITCH_INTERVAL = 0.1
 
 # Log lines waiting for the log writer thread. When stdout or stderr stalls
@@ -431,7 +432,7 @@ class Sender:
         # The queue from producers. Appending to a deque and popping from it
         # are atomic under the GIL, so producers take no lock on the common
         # path: a lock shared by thousands of readers is a convoy under the
-        # GIL (4,000 departures at once starved the Sender for seconds).
+        # GIL (see BENCHMARK.md, "Mass departure").
         # _idle: the Sender is (about to be) waiting in select(); a producer
         # that sees it set wakes it through the socketpair. The Condition is
         # only for readers paused by back-pressure (_paused of them).
@@ -441,7 +442,7 @@ class Sender:
         self._pause_lock = threading.Lock()
         self._room_for_more = threading.Condition(self._pause_lock)
         self._paused = 0  # written under _pause_lock
-        self.flow_control_pauses = 0       # written under _lock
+        self.flow_control_pauses = 0       # these two written under _pause_lock
         self.flow_control_pause_seconds = 0.0
         self._wake_receiver, self._wake_sender = socket.socketpair()
         self._wake_receiver.setblocking(False)
@@ -622,23 +623,28 @@ class Sender:
             reason = self._send(client, data)
             if reason is not None:
                 failed.append((client, reason))
-        room = set(self._room)
-        for client, reason in failed:
-            self._drop(client, reason)
         now = time.perf_counter()
+        room = self._room
         for _, _, origin, count, arrived in run:
             self.deliveries += (len(room) - (origin in room)) * count
             if origin is not None:  # a local read: its relay latency
                 seconds = now - arrived
                 self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += count
                 self.latency_sum += seconds * count
+        for client, reason in failed:
+            self._drop(client, reason)
 
     def _send(self, client, data):
         """Send `data` to `client` now, without blocking; what its socket
         refuses waits in its outbox. Returns None, or why to drop the client."""
         if not client.outbox:
             try:
-                sent = send_frames(client.sock, data, socket.MSG_DONTWAIT)
+                if len(data) <= BUFSIZE:  # one send() carries it all: the common case
+                    sent = client.sock.send(data, socket.MSG_DONTWAIT)
+                else:
+                    sent = send_frames(client.sock, data, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
             except OSError as exc:
                 return self._send_failed(client, exc)
             self.sent_bytes += sent
