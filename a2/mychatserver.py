@@ -64,6 +64,9 @@ from pathlib import Path
 
 log = logging.getLogger("mychatserver")
 
+# STUB (metrics branch, until "Relay core v2" lands on main): the contract's VERSION.
+VERSION = "2.0.0"
+
 # --- Limits. Each one says why it has its value and what it relates to. ---
 
 # The assignment fixes recv and send sizes: every recv(1024), every send <= 1024.
@@ -116,7 +119,8 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 # Why a connection ended; the metrics' `reason` label takes exactly these.
-DISCONNECT_REASONS = ("exit", "closed", "error", "slow_consumer", "rejected", "shutdown")
+DISCONNECT_REASONS = ("exit", "closed", "error", "slow_consumer", "rejected", "shutdown",
+                      "backbone_gap")  # STUB (metrics branch): the contract's new reason
 
 # Escape sequences (CSI, OSC, DCS/SOS/PM/APC strings, two-character escapes)
 # and then every remaining C0/C1 control except TAB: what is left cannot move
@@ -780,9 +784,12 @@ class ChatServer:
         with self._lock:
             counters = collections.Counter(self._totals)
             backlog = 0
+            largest = 0
             for connection in self._connections:
                 self._add_counters(counters, connection)
-                backlog += connection.queued_bytes
+                queued = connection.queued_bytes
+                backlog += queued
+                largest = max(largest, queued)
             return {
                 "connections_total": self._connections_total,
                 "clients": len(self._clients),
@@ -797,6 +804,15 @@ class ChatServer:
                 "relay_latency_counts": [counters["latency", bucket]  # per bucket, last is +Inf
                                          for bucket in range(len(LATENCY_BUCKETS) + 1)],
                 "relay_latency_sum": float(counters["latency_sum"]),
+                # STUB (metrics branch, until "Relay core v2" lands): the
+                # contract's new keys; zeros except the largest backlog.
+                "version": VERSION,
+                "max_client_backlog_bytes": largest,
+                "accept_errors_total": dict.fromkeys(("emfile", "enfile", "enobufs", "enomem", "other"), 0),
+                "flow_control_pauses_total": 0,
+                "flow_control_pause_seconds_total": 0.0,
+                "log_lines_dropped_total": 0,
+                "backbone": None,
             }
 
     # --- stopping --------------------------------------------------------------
@@ -864,6 +880,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="Multi-client TCP chat relay: relays each message to every other "
                     "client as 'PORT: message'. A client leaves by sending 'exit'.")
+    parser.add_argument("--version", action="version", version=f"mychatserver {VERSION}")  # STUB
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default: %(default)s, this machine only)")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT,
