@@ -543,6 +543,11 @@ def test_server_process_serves_metrics(server_process):
         connections=2, clients=1, max_clients=10_000, received=1, relayed=1,
         received_bytes=len(b"ping\nexit\n"), sent_bytes=len(frame(a.port, "ping")), exit=1))
     assert "python_info" in families(text)
+    # chat_build_info carries the same version as --version prints.
+    version = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--version"], capture_output=True,
+                             text=True, timeout=15, stdin=subprocess.DEVNULL)
+    assert version.returncode == 0 and version.stdout == f"mychatserver {VERSION}\n"
+    assert f'chat_build_info{{version="{VERSION}"}} 1.0\n' in text
     a.close()
 
     rc, lines, err = proc.stop()

@@ -71,6 +71,15 @@ def open_descriptors(pid):
     return sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
 
 
+def http_connections(pid, port):
+    """How many of the process' descriptors are connections accepted on `port`."""
+    inodes = {m.group(1) for m in (re.fullmatch(r"socket:\[(\d+)\]", link) for link in open_descriptors(pid)) if m}
+    with open(f"/proc/{pid}/net/tcp") as table:
+        rows = [line.split() for line in list(table)[1:]]
+    return sum(1 for row in rows if row[9] in inodes and int(row[1].rsplit(":", 1)[1], 16) == port
+               and row[3] != "0A")  # 0A = LISTEN
+
+
 def close_all(socks):
     for sock in socks:
         sock.close()
@@ -80,10 +89,18 @@ def test_300_idle_connections_hold_no_thread_and_few_descriptors(server_process)
     server = server_process("--quiet", "--metrics-port", "0")
     address = metrics_address(server)
     pid = server.proc.pid
-    # Counted with no HTTP connection open (the server closes a scraped one
-    # just after the client has read its answer, so not right after a scrape).
-    threads_before, fds_before, _ = process_usage(pid)
+    # The baseline: the accept loop is surely running (a client was served and
+    # has left), and no HTTP connection is open (the server closes a scraped
+    # one just after the client has read its answer).
+    threads_before = process_usage(pid)[0]  # every thread the server starts before listening
+    peer = Peer(server.address)
+    server.wait_for_count("New connection", 1)
+    peer.close()
+    server.wait_for_count("closed (closed)", 1)
+    wait_until(lambda: process_usage(pid)[0] == threads_before, message="the client's threads ended")
     scrape(address)
+    wait_until(lambda: http_connections(pid, address[1]) == 0, message="the scrape's connection closed")
+    fds_before = process_usage(pid)[1]
 
     idle = open_idle(address, IDLE_FLOOD)
     try:
