@@ -24,9 +24,9 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from a2.mychatserver import DISCONNECT_REASONS, VERSION, frame
+from a2.mychatserver import DISCONNECT_REASONS, VERSION, ChatServer, frame
 from conftest import ROOT, Peer, wait_until
-from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES
+from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, start_metrics_server
 
 METRICS_DIR = ROOT / "metrics"
 CONFIG = METRICS_DIR / "prometheus.yml"
@@ -291,11 +291,12 @@ class Prometheus:
         self._log.close()
 
 
-def scrape_config_for(metrics_address, tmp_path):
-    """metrics/prometheus.yml with the target pointed at the test server and 1s
+def scrape_config_for(metrics_address, tmp_path, *more_targets):
+    """metrics/prometheus.yml with the target pointed at the test server(s) and 1s
     intervals; rules.yml copied next to it (rule_files is relative)."""
     text = CONFIG.read_text()
-    for old, new in (('"127.0.0.1:9100"', f'"{metrics_address}"'),
+    targets = ", ".join(f'"{address}"' for address in (metrics_address, *more_targets))
+    for old, new in (('"127.0.0.1:9100"', targets),
                      ("scrape_interval: 15s", "scrape_interval: 1s"),
                      ("evaluation_interval: 15s", "evaluation_interval: 1s")):
         assert text.count(old) == 1, f"{old!r} must appear exactly once in {CONFIG}"
@@ -306,7 +307,65 @@ def scrape_config_for(metrics_address, tmp_path):
     return config
 
 
-def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, tmp_path):
+class StandInBackbone:
+    """A healthy backbone's stats(), growing at every call, exactly in the shape
+    metrics/README.md defines (the real one is cluster/'s, not part of this
+    test): lets the dashboard's backbone row be queried against real data."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+    def __init__(self):
+        self._calls = 0
+        self._lock = threading.Lock()
+
+    def stats(self):
+        with self._lock:
+            self._calls += 1
+            n = self._calls
+        counts = [0] * (len(self.BUCKETS) + 1)
+        counts[2] = 10 * n  # every message within 2.5 ms
+        return {"connected": True, "entries_out_total": 2 * n, "messages_out_total": 10 * n,
+                "entries_in_total": 2 * n, "messages_in_total": 10 * n, "reconnects_total": 0,
+                "publish_errors_total": 0, "outbox_bytes": 0, "outbox_budget_bytes": 1 << 20,
+                "dropped_messages_total": 0, "duplicates_total": 0, "gaps_total": 0, "peers": 2,
+                "delay_buckets": self.BUCKETS, "delay_counts": counts, "delay_sum": 0.02 * n}
+
+    def publish(self, port, messages):
+        pass
+
+    def stop(self):
+        pass
+
+
+class NodeWithBackbone(ChatServer):
+    """A real ChatServer whose stats()["backbone"] is a StandInBackbone's."""
+
+    def __init__(self):
+        super().__init__("127.0.0.1", 0, quiet=True)
+        self.backbone = StandInBackbone()
+
+    def stats(self):
+        stats = super().stats()
+        assert stats["backbone"] is None  # no --backbone: the slot the contract fills
+        stats["backbone"] = self.backbone.stats()
+        return stats
+
+
+@pytest.fixture
+def node_with_backbone():
+    node = NodeWithBackbone()
+    thread = threading.Thread(target=node.serve_forever, daemon=True)
+    thread.start()
+    exporter = start_metrics_server(node, port=0)
+    try:
+        yield f"{exporter.host}:{exporter.port}"
+    finally:
+        exporter.stop()
+        node.shutdown()
+        thread.join(5)
+
+
+def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, node_with_backbone, tmp_path):
     server = server_process("--metrics-port", "0", "--quiet")
     match = next(filter(None, map(METRICS_LINE.match, server.lines)))
     metrics_address = f"{match.group(1)}:{match.group(2)}"
@@ -324,8 +383,10 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
     c.send("exit\n")
     c.expect_closed()
 
-    prometheus = Prometheus(scrape_config_for(metrics_address, tmp_path), tmp_path / "data",
-                            tmp_path / "prometheus.log")
+    # Prometheus scrapes two targets: the server process (exact values below)
+    # and a node with a (stand-in) backbone, for the dashboard's backbone row.
+    prometheus = Prometheus(scrape_config_for(metrics_address, tmp_path, node_with_backbone),
+                            tmp_path / "data", tmp_path / "prometheus.log")
     try:
         expected = {
             ("up", ""): 1.0,
@@ -348,9 +409,9 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
             ("chat_flow_control_pause_seconds_total", ""): 0.0,
             ("chat_log_lines_dropped_total", ""): 0.0,
         }
-        selector = ('{job="chat", __name__=~"up|chat_[a-z_]+_total|chat_clients|chat_max_clients'
-                    '|chat_outbound_backlog_bytes|chat_relay_latency_seconds_count|chat_build_info'
-                    '|chat_max_client_backlog_bytes"}')
+        selector = (f'{{job="chat", instance="{metrics_address}", __name__=~"up|chat_[a-z_]+_total|chat_clients'
+                    '|chat_max_clients|chat_outbound_backlog_bytes|chat_relay_latency_seconds_count'
+                    '|chat_build_info|chat_max_client_backlog_bytes"}')
         last = {}
 
         def values():
@@ -403,26 +464,32 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
             raise
         assert prometheus.query('ALERTS{alertstate="firing"}') == []
 
-        # Every dashboard query returns data from this live server (with live
+        # Every dashboard query returns data from these live servers (with live
         # traffic: a and b keep talking), once the recording rules have run and
-        # rate() has two samples. The backbone row is the exception: with no
-        # --backbone there are no chat_backbone_* series, so those queries must
-        # be valid and return exactly nothing; likewise "Firing alerts" when all is well.
+        # rate() has two samples: the backbone row from the node with a
+        # backbone, every other panel from the server process too. Only
+        # "Firing alerts" must return exactly nothing: all is well.
+        assert prometheus.query(f'chat_backbone_connected{{instance="{metrics_address}"}}') == []
         talking = threading.Event()
         talker = threading.Thread(target=_keep_talking, args=(a, b, talking), daemon=True)
         talker.start()
         try:
             for title, expr, backbone in dashboard_queries():
                 grafana_free = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
-                if backbone or title in EMPTY_WHEN_HEALTHY:
+                if title in EMPTY_WHEN_HEALTHY:
                     assert prometheus.query(grafana_free) == [], title
                     continue
+                # Data, not NaN, for the instance that has it (the node with a
+                # backbone has no chat traffic: its fan-out ratio is NaN), or
+                # for the aggregate (no instance label: heatmap, alert count).
+                wanted = node_with_backbone if backbone else metrics_address
                 got = []
 
                 def has_data():
                     nonlocal got
                     got = prometheus.query(grafana_free)
-                    return bool(got) and all(s["value"][1] != "NaN" for s in got)
+                    mine = [s for s in got or [] if s["metric"].get("instance", wanted) == wanted]
+                    return bool(mine) and all(s["value"][1] != "NaN" for s in mine)
 
                 try:
                     wait_until(has_data, timeout=15, message=f"data for panel {title!r}: {expr}")
