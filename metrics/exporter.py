@@ -34,6 +34,8 @@ listener needed; 200 concurrent scrapers raised the room's relay p50 from
     * a connection must send its request head within REQUEST_TIMEOUT and take
       its response within RESPONSE_TIMEOUT, or it is closed; one request per
       connection (Connection: close);
+    * at most ACCEPT_RATE connections are accepted per second (bursts of
+      MAX_CONNECTIONS), so the endpoint's CPU stays bounded under any storm;
     * the exposition is generated at most once per SNAPSHOT_WINDOW and the same
       bytes are served to every scrape inside that window, so a storm of
       scrapers costs the room one stats() snapshot per window, not one each.
@@ -107,6 +109,11 @@ REQUEST_TIMEOUT = 2.0
 # The response is ~10 KB; a client that has not taken it in 5 s is stuck.
 # Both stay below Prometheus' default scrape_timeout (10 s).
 RESPONSE_TIMEOUT = 5.0
+# New connections accepted per second (a token bucket, bursts of
+# MAX_CONNECTIONS): bounds the endpoint's CPU, and so its share of the GIL the
+# relay needs, whatever a storm of scrapers offers (one Prometheus needs one
+# per 15 s). Beyond it connections wait in the kernel's listen backlog.
+ACCEPT_RATE = 100.0
 MAX_REQUEST_BYTES = 8192  # a request head longer than this is not a scrape: 431
 LISTEN_BACKLOG = 64       # the kernel queues this many beyond MAX_CONNECTIONS, costing us no descriptor
 ACCEPT_BACKOFF = 0.1      # seconds not to accept after EMFILE (like the chat server's accept loop)
@@ -340,8 +347,9 @@ class MetricsHTTPServer:
     def __init__(self, registry, host=DEFAULT_HOST, port=DEFAULT_PORT, *,
                  max_connections=MAX_CONNECTIONS, request_timeout=REQUEST_TIMEOUT,
                  response_timeout=RESPONSE_TIMEOUT, snapshot_window=SNAPSHOT_WINDOW,
-                 eviction_grace=EVICTION_GRACE):
+                 eviction_grace=EVICTION_GRACE, accept_rate=ACCEPT_RATE):
         self.registry = registry
+        self.accept_rate = accept_rate
         self.max_connections = max_connections
         self.eviction_grace = eviction_grace
         self.request_timeout = request_timeout
@@ -361,6 +369,8 @@ class MetricsHTTPServer:
         self._connections = collections.OrderedDict()  # socket -> _Connection
         self._accepting = True  # the listener is registered with the selector
         self._backoff_until = 0.0  # after EMFILE: not before this (monotonic)
+        self._tokens = float(max_connections)  # the accept rate's token bucket
+        self._tokens_time = time.monotonic()
         self._running = True
         self._body = b""
         self._body_time = float("-inf")
@@ -399,14 +409,12 @@ class MetricsHTTPServer:
     # Called by the loop thread only, so none of the state needs a lock.
 
     def _timeout(self):
-        """Seconds until the next deadline, eviction chance or end of backoff."""
+        """Seconds until the next deadline, or until a newcomer may be accepted."""
         now = time.monotonic()
         times = [c.deadline for c in self._connections.values()]
         if not self._accepting:
-            if now < self._backoff_until:
-                times.append(self._backoff_until)
-            elif self._next_eviction() != float("inf"):
-                times.append(self._next_eviction())
+            times.append(self._accept_time(now))
+        times = [t for t in times if t != float("inf")]
         return max(0.0, min(times) - now) if times else None
 
     def _next_eviction(self):
@@ -417,11 +425,20 @@ class MetricsHTTPServer:
                 return connection.accepted + self.eviction_grace
         return float("inf")
 
+    def _accept_time(self, now):
+        """The earliest time a newcomer may be accepted: not during an EMFILE
+        backoff, not without a token, and at the limit not before a connection
+        may be evicted (inf: only once one ends)."""
+        self._tokens = min(float(self.max_connections),
+                           self._tokens + (now - self._tokens_time) * self.accept_rate)
+        self._tokens_time = now
+        earliest = max(self._backoff_until, now + max(0.0, 1.0 - self._tokens) / self.accept_rate)
+        if len(self._connections) >= self.max_connections:
+            earliest = max(earliest, self._next_eviction())
+        return earliest
+
     def _may_accept(self, now):
-        """There is room, or a connection that may make room."""
-        if now < self._backoff_until:
-            return False
-        return len(self._connections) < self.max_connections or self._next_eviction() <= now
+        return self._accept_time(now) <= now
 
     def _watch_listener(self):
         """Watch the listener only while a newcomer could be taken: otherwise it
@@ -448,6 +465,7 @@ class MetricsHTTPServer:
                     return
                 continue  # e.g. ECONNABORTED
             now = time.monotonic()
+            self._tokens -= 1.0
             if len(self._connections) >= self.max_connections:
                 oldest_waiting = next(c for c in self._connections.values() if c.response is None)
                 self._close(oldest_waiting)  # _may_accept() saw it past its grace

@@ -315,3 +315,38 @@ def test_stop_closes_open_connections_at_once():
             assert not exporter._thread.is_alive()
         finally:
             close_all(idle)
+
+
+def test_accepts_are_capped_per_second_whatever_the_storm_offers():
+    """The token bucket: at most burst + rate x elapsed connections are served,
+    however many scrapers hammer the port; the others wait in the kernel's backlog."""
+    rate, burst = 20.0, 4
+    with running_server() as server:
+        exporter = start_metrics_server(server, port=0, accept_rate=rate, max_connections=burst)
+        address = (exporter.host, exporter.port)
+        try:
+            stop = threading.Event()
+            served = []
+
+            def hammer():
+                while not stop.is_set():
+                    try:
+                        scrape(address, timeout=5)
+                        served.append(1)
+                    except OSError:
+                        pass
+
+            started = time.monotonic()
+            threads = [threading.Thread(target=hammer) for _ in range(20)]
+            for thread in threads:
+                thread.start()
+            wait_until(lambda: time.monotonic() - started >= 1.0 and len(served) >= 1, timeout=10,
+                       message="a second of scraping")
+            stop.set()
+            for thread in threads:
+                thread.join(10)
+            elapsed = time.monotonic() - started
+            assert 1 <= exporter.httpd.scrapes <= burst + rate * elapsed + 1, (exporter.httpd.scrapes, elapsed)
+            assert len(served) == exporter.httpd.scrapes
+        finally:
+            exporter.stop()
