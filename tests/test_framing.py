@@ -168,7 +168,7 @@ def test_unterminated_input_held_is_bounded():
     framer = MessageFramer()
     messages = framer.feed(b"y" * 5000)
     assert messages == ["y" * 1000] * 5
-    assert not framer.has_pending
+    assert framer.feed(b"") == []
 
 
 def test_sanitize_keeps_ordinary_text_and_tab():
