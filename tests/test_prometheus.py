@@ -337,23 +337,12 @@ class StandInBackbone:
         pass
 
 
-class NodeWithBackbone(ChatServer):
-    """A real ChatServer whose stats()["backbone"] is a StandInBackbone's."""
-
-    def __init__(self):
-        super().__init__("127.0.0.1", 0, quiet=True)
-        self.backbone = StandInBackbone()
-
-    def stats(self):
-        stats = super().stats()
-        assert stats["backbone"] is None  # no --backbone: the slot the contract fills
-        stats["backbone"] = self.backbone.stats()
-        return stats
-
-
 @pytest.fixture
 def node_with_backbone():
-    node = NodeWithBackbone()
+    """A real ChatServer with a StandInBackbone attached through the server's
+    backbone hook (as --backbone attaches cluster/'s), and its exporter."""
+    node = ChatServer("127.0.0.1", 0, quiet=True)
+    node.attach_backbone(StandInBackbone())
     thread = threading.Thread(target=node.serve_forever, daemon=True)
     thread.start()
     exporter = start_metrics_server(node, port=0)
