@@ -22,7 +22,8 @@ thread scraping in a loop). Then --idle connections that never send a
 request: the server's threads and descriptors, and how long one real scrape
 takes meanwhile. Then the same idle flood under `ulimit -n 256`: how many of
 20 chat newcomers are served. Everything on loopback, bounded in time
-(about 40 s in all). Owner: the metrics helper (metrics/, this file).
+(about 2 minutes in all, most of it waiting for the
+"before" server to accept the idle connections). Owner: the metrics helper (metrics/, this file).
 
     python loadtest/bench_scrape.py            # the run in loadtest/BENCHMARK.md
     python loadtest/bench_scrape.py --help
@@ -85,7 +86,7 @@ def storm(url, threads, seconds):
     def scraper():
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(url, timeout=10) as response:
+                with urllib.request.urlopen(url, timeout=5) as response:
                     response.read()
                 outcome = "ok"
             except OSError:
@@ -145,7 +146,7 @@ class Server:
     def stop(self):
         self.proc.terminate()
         try:
-            self.proc.wait(10)
+            self.proc.wait(5)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -260,26 +261,76 @@ def timed_scrape(url, timeout=10.0):
         return time.monotonic() - started, type(exc).__name__
 
 
-def open_idle(port, n):
-    socks = []
+def connect_many(port, n, timeout=3.0):
+    """n connections started at once (non-blocking); those established within
+    `timeout` (a full listen backlog drops the rest's SYNs)."""
+    pending = []
     for _ in range(n):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", port))
+        pending.append(sock)
+    connected = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        for sock in pending:
+            selector.register(sock, selectors.EVENT_WRITE)
+        while len(selector.get_map()) and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                selector.unregister(key.fileobj)
+                if key.fileobj.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                    connected.append(key.fileobj)
+                else:
+                    key.fileobj.close()
+    for sock in pending:
+        if sock not in connected:
+            sock.close()
+    return connected
+
+
+def open_idle(port, n, deadline_seconds=60.0):
+    """n connections that never send, opened one after the other, each waiting
+    (up to 3 s: a SYN dropped by a full listen backlog is re-sent after 1 s)
+    until the kernel has it; bounded by `deadline_seconds` in all.
+    prometheus-client's server listens with a backlog of 5 and accepted idle
+    connections at ~6/s here, so "before" takes most of a minute."""
+    socks, deadline = [], time.monotonic() + deadline_seconds
+    while len(socks) < n and time.monotonic() < deadline:
         try:
-            socks.append(socket.create_connection(("127.0.0.1", port), timeout=3))
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=3.0))
         except OSError:
+            if socks and time.monotonic() < deadline:
+                continue  # a full backlog: try again until the deadline
             break
     return socks
 
 
-def settle(pid, seconds=1.5):
-    """The server's (threads, fds) once they stop changing (bounded wait)."""
-    last, deadline = proc_usage(pid), time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        time.sleep(0.25)
+def settle(pid, still=0.5, seconds=5.0):
+    """The server's (threads, fds) once they have not changed for `still` s."""
+    last, since = proc_usage(pid), time.monotonic()
+    deadline = since + seconds
+    while time.monotonic() < deadline and time.monotonic() - since < still:
+        time.sleep(0.1)
         now = proc_usage(pid)
-        if now == last:
-            return now
-        last = now
+        if now != last:
+            last, since = now, time.monotonic()
     return last
+
+
+def peak_under_flood(pid, done, seconds=10.0, stall=3.0):
+    """Peak (threads, fds) while a flood is being accepted: until done(threads,
+    fds), or no new peak for `stall` s, or `seconds`. Patient, because a
+    thread-per-connection server accepts idle connections slowly (~7/s measured
+    here for prometheus-client's, in bursts as the kernel re-sends SYN-ACKs past
+    its listen backlog of 5), while the clients already count as connected."""
+    peak, since, started = proc_usage(pid), time.monotonic(), time.monotonic()
+    while (not done(*peak) and time.monotonic() - since < stall
+           and time.monotonic() - started < seconds):
+        time.sleep(0.1)
+        threads, fds = proc_usage(pid)
+        if threads > peak[0] or fds > peak[1]:
+            peak, since = (max(threads, peak[0]), max(fds, peak[1])), time.monotonic()
+    return peak
 
 
 T0 = time.monotonic()
@@ -332,11 +383,12 @@ def run_variant(variant, args):
     progress(f"{variant}: idle flood")
     threads0, fds0 = settle(server.proc.pid)
     idle = open_idle(server.metrics, args.idle)
-    threads1, fds1 = settle(server.proc.pid)
+    threads1, fds1 = peak_under_flood(server.proc.pid, lambda t, f: f >= fds0 + len(idle))
     scrape_seconds, scrape_outcome = timed_scrape(server.url)
     result.update(idle_opened=len(idle), idle_threads_before=threads0, idle_threads=threads1,
                   idle_fds_before=fds0, idle_fds=fds1, idle_scrape_seconds=scrape_seconds,
                   idle_scrape=scrape_outcome)
+    progress(f"{variant}: stopping")
     for sock in idle:
         sock.close()
     server.stop()
@@ -344,11 +396,12 @@ def run_variant(variant, args):
     # The same flood under ulimit -n 256: are chat newcomers served?
     progress(f"{variant}: idle flood under ulimit -n {LOW_FD_LIMIT}")
     server = Server(variant, fd_limit=LOW_FD_LIMIT)
+    threads_before = settle(server.proc.pid)[0]
     idle = open_idle(server.metrics, args.idle)
-    settle(server.proc.pid)
+    peak = peak_under_flood(server.proc.pid, lambda t, f: f >= LOW_FD_LIMIT)
+    result["low_fd_threads"] = peak[0] - threads_before
     served = newcomers_served(server.chat)
-    result.update(low_fd_idle_opened=len(idle), low_fd_newcomers_served=served,
-                  low_fd_fds=proc_usage(server.proc.pid)[1])
+    result.update(low_fd_idle_opened=len(idle), low_fd_newcomers_served=served, low_fd_fds=peak[1])
     for sock in idle:
         sock.close()
     server.stop()
@@ -358,22 +411,20 @@ def run_variant(variant, args):
 def newcomers_served(port, timeout=3.0):
     """How many of NEWCOMERS chat clients hear a message the first one sends
     (each must have been accepted into the room) within `timeout`."""
-    socks = []
-    for _ in range(NEWCOMERS):
-        try:
-            socks.append(socket.create_connection(("127.0.0.1", port), timeout=timeout))
-        except OSError:
-            pass
+    socks = connect_many(port, NEWCOMERS, timeout)
     if not socks:
         return 0
     heard = set()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and len(heard) < len(socks) - 1:
-        socks[0].sendall(b"anyone there?\n")  # repeated: a client accepted later hears a later one
+        try:  # repeated: a client accepted later hears a later one
+            socks[0].send(b"anyone there?\n")
+        except OSError:
+            pass  # not accepted (yet): its send buffer fills, or it was reset
+        time.sleep(0.05)
         for sock in socks[1:]:
             if sock in heard:
                 continue
-            sock.settimeout(0.05)
             try:
                 if b"anyone there?" in sock.recv(4096):
                     heard.add(sock)
@@ -391,7 +442,7 @@ def main():
     parser.add_argument("--clients", type=int, default=100, help="clients in the room (default %(default)s)")
     parser.add_argument("--senders", type=int, default=4, help="of them sending (default %(default)s)")
     parser.add_argument("--rate", type=float, default=25.0, help="messages/s per sender (default %(default)s)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each phase (default %(default)s)")
+    parser.add_argument("--seconds", type=float, default=4.0, help="length of each phase (default %(default)s)")
     parser.add_argument("--scrapers", type=int, default=200, help="concurrent scrapers (default %(default)s)")
     parser.add_argument("--idle", type=int, default=300, help="idle connections (default %(default)s)")
     parser.add_argument("--only", choices=("before", "after"), help="measure one endpoint only")
@@ -417,7 +468,7 @@ def main():
               f"{r['storm_p50_ms']:8.1f}/{r['storm_p99_ms']:<8.1f} "
               f"{r['storm_scrapes_ok']:>9}/{r['storm_scrapes_failed']:<8} "
               f"{r['quiet_cpu']:7.2f}/{r['storm_cpu']:<8.2f} {r['storm_peak_threads']:>8}")
-    print(f"{'endpoint':8} {'idle conns':>10} {'threads before/with':>20} {'fds before/with':>16} "
+    print(f"{'endpoint':8} {'idle conns':>10} {'threads before/peak':>20} {'fds before/peak':>16} "
           f"{'scrape meanwhile':>17} {'ulimit 256: newcomers served':>29}")
     for r in results:
         print(f"{r['variant']:8} {r['idle_opened']:>10} {r['idle_threads_before']:>10}/{r['idle_threads']:<9} "
