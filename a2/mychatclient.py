@@ -7,10 +7,12 @@ Type a line and press Enter to send it; messages from the others appear as
 they arrive, on their own lines, without disturbing what you are typing.
 `exit`, Ctrl-D or Ctrl-C leaves the chat.
 
-Two threads, because a person must be able to type and receive at the same
-time: the main thread reads your input and sends it; a receiver thread reads
-the socket and prints. Reading and printing are decoupled from sending, so a
-busy room never blocks your typing, and typing never delays the room.
+Three threads, each the only one to do its job, so that none of them can
+hold up the others: the main thread reads what you type and queues it; a
+sender thread is the only one to send on the socket; a receiver thread is the
+only one to recv() and it prints. A busy room never blocks your typing, and a
+server that stops reading blocks only the sender: you can still leave, and
+Ctrl-C always ends the client within a second.
 
 What goes on the wire, and why (measured on 28 classmates' servers):
     * each message as one write, "text\\n": our server and every classmate's
@@ -20,7 +22,8 @@ What goes on the wire, and why (measured on 28 classmates' servers):
     * leaving sends a bare "exit" (no newline), the form 25 of 28 servers
       recognise, in its own write after a short pause, so a server that treats
       each recv() as one message reads it alone; then the client closes by
-      itself, even if the server never does;
+      itself, even if the server never does, and even if the server has
+      stopped reading (what it has not taken then is dropped);
     * writes are spaced SEND_GAP apart (you will not notice when typing) so
       that fast piped input is not merged by servers that relay raw chunks.
 
@@ -30,6 +33,7 @@ Only the Python standard library is used.
 import _thread
 import argparse
 import codecs
+import collections
 import contextlib
 import re
 import select
@@ -53,7 +57,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 12345
 CONNECT_TIMEOUT = 10.0  # seconds; a server that does not answer is reported
 SEND_GAP = 0.05   # seconds between writes, so raw-chunk servers read each alone
-EXIT_GRACE = 0.5  # seconds to let the server close us after "exit"
+EXIT_GRACE = 0.5  # seconds to let the server close us after "exit"; after Ctrl-C, for all of leaving
+STALL_LIMIT = 0.5  # seconds a write may wait, while leaving, before we stop waiting for the server
+QUEUE_LIMIT = 200  # writes typed ahead of the sender (10 s of sending at SEND_GAP); more waits
 EXIT_COMMAND = "exit"
 MAX_UNFINISHED = 4096  # characters of a line without newline held before showing it anyway
 WAKE_RETRY = 0.05  # seconds between SIGINTs to the main thread, see Interrupter
@@ -69,11 +75,19 @@ _ESCAPE_SEQUENCE = re.compile(
     r"|\x1b.?",                             # any other escape
     re.DOTALL,
 )
-_CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# C0 but TAB and LF, DEL, C1; the line and paragraph separators U+2028/U+2029
+# (a Unicode-aware reader of our output, like str.splitlines(), would start a
+# new line there: "hi\u2028" + "12345: forged" would look like someone's
+# message); the bidi controls, which can make text read in another order
+# than it was sent (U+061C, U+200E/F, U+202A-E, U+2066-9). ZWJ (U+200D)
+# stays: emoji sequences are built with it.
+_CONTROL_CHARACTER = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def sanitize(text):
-    """Remove terminal escape sequences and control characters (keep TAB, LF)."""
+    """Remove terminal escape sequences and control characters (keep TAB, LF),
+    line and paragraph separators and bidi controls."""
     return _CONTROL_CHARACTER.sub("", _ESCAPE_SEQUENCE.sub("", text))
 
 
@@ -121,47 +135,156 @@ class Display:
 
 
 class ChatClient:
-    """A connection to a chat server: paced sending, and a receiver thread
-    that turns whatever arrives into display lines."""
+    """A connection to a chat server: a sender thread that sends what is
+    queued, paced, and a receiver thread that turns whatever arrives into
+    display lines.
 
-    def __init__(self, sock, display, on_server_closed):
+    Who does what: the main thread queues writes (send_line) and leaves
+    (leave, close); the sender thread alone calls send on the socket; the
+    receiver thread alone calls recv. The fields under `_changed` are shared
+    by the main and sender threads; a wait for the sender never outlasts a
+    leave request (Ctrl-C, or the server closing), see wake()."""
+
+    def __init__(self, sock, display, leave_requested, on_server_closed):
         self.sock = sock
         self.display = display
+        self.leave_requested = leave_requested  # an Event, set on Ctrl-C or when the server closed
         self.on_server_closed = on_server_closed
-        self.leaving = False
+        self.leaving = False  # set by the main thread (under _changed); then nothing more is shown
         self.server_closed = threading.Event()  # the server ended the connection
-        self._last_write = 0.0
+        self._changed = threading.Condition()  # guards the six fields below
+        self._writes = collections.deque()  # queued writes, at most QUEUE_LIMIT
+        self._exit_requested = False  # once the queue is empty: "exit", SHUT_WR, stop
+        self._closing = False  # stop now, send nothing more
+        self._exit_sent = False
+        self._sender_done = False
+        self._write_started = None  # when the write under way began; None between writes
         self._receiver = threading.Thread(target=self._receive_loop, name="receiver", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="sender", daemon=True)
 
     def start(self):
         self._receiver.start()
+        self._sender.start()
 
     def send_line(self, text):
+        """Main thread: queue the writes of one typed line. Waits while the
+        queue is full; KeyboardInterrupt once a leave is requested."""
         for data in encode_message(text):
-            self._write(data)
+            with self._changed:
+                self._wait(lambda: len(self._writes) < QUEUE_LIMIT or self._sender_done)
+                if self._sender_done:
+                    return  # the connection is gone; the receiver says so
+                self._writes.append(data)
+                self._changed.notify_all()
 
-    def _write(self, data):
-        wait = self._last_write + SEND_GAP - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)  # pacing, see SEND_GAP
-        self.sock.sendall(data)
-        self._last_write = time.monotonic()
+    def wake(self):
+        """Any thread, once leave_requested is set: end the main thread's wait."""
+        with self._changed:
+            self._changed.notify_all()
 
-    def leave(self):
-        """Send a bare "exit", then close, whether or not the server closes first."""
-        self.leaving = True
+    def _wait(self, ready, deadline=lambda: None, interruptible=True):
+        """Main thread, holding _changed: wait until ready() (True) or the
+        deadline (False). deadline() is read again at each wake-up: the
+        sender notifies as each write starts and ends. If interruptible, a
+        requested leave raises KeyboardInterrupt here: the check is made
+        under the lock, and wake() notifies under it, so none is missed."""
+        while not ready():
+            if interruptible and self.leave_requested.is_set():
+                raise KeyboardInterrupt
+            limit = deadline()
+            timeout = None if limit is None else limit - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                return False
+            self._changed.wait(timeout)
+        return True
+
+    def _stall_deadline(self):
+        """Holding _changed: when the write under way will have waited
+        STALL_LIMIT (the server has stopped reading); None between writes."""
+        return None if self._write_started is None else self._write_started + STALL_LIMIT
+
+    def leave(self, at_once=False):
+        """Main thread: send what is queued, then a bare "exit", then close,
+        whether or not the server closes first. Bounded: it stops waiting
+        once a write has waited STALL_LIMIT; what the server did not take is
+        dropped. Ctrl-C interrupts it (KeyboardInterrupt).
+        at_once (Ctrl-C): drop the queue, let the write under way finish and
+        "exit" follow, and be done within EXIT_GRACE in all, uninterrupted."""
+        started = time.monotonic()
+        grace_ends = started + EXIT_GRACE
+        with self._changed:
+            self.leaving = True  # under the lock: _server_gone() reports a close or we leave, not both
+            if at_once:
+                self._writes.clear()
+            self._exit_requested = True
+            self._changed.notify_all()
+            if at_once:
+                self._wait(lambda: self._sender_done,
+                           lambda: min(grace_ends, self._stall_deadline() or grace_ends),
+                           interruptible=False)
+            else:
+                self._wait(lambda: self._sender_done, self._stall_deadline)
+                grace_ends = time.monotonic() + EXIT_GRACE
+            exit_sent = self._exit_sent
+        if exit_sent:
+            self._receiver.join(max(0.0, grace_ends - time.monotonic()))  # the server closes us
+        self.close()
+
+    def close(self):
+        """Main thread: end both threads (shutdown wakes a recv() or a
+        send() that waits) and close the socket."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
         try:
-            self._write(EXIT_COMMAND.encode())
-            self.sock.shutdown(socket.SHUT_WR)  # no more from us; the server sees EOF
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
-            pass  # the server is already gone
-        self._receiver.join(EXIT_GRACE)
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the receiver's recv()
-        except OSError:
-            pass
+            pass  # not connected any more
+        self._sender.join(EXIT_GRACE)
         self._receiver.join(EXIT_GRACE)
         self.sock.close()
+
+    def _send_loop(self):
+        last_write = 0.0
+        try:
+            while True:
+                with self._changed:
+                    while not self._writes and not self._exit_requested and not self._closing:
+                        self._changed.wait()
+                    if self._closing:
+                        return
+                    final = not self._writes
+                    data = EXIT_COMMAND.encode() if final else self._writes.popleft()
+                    self._changed.notify_all()  # room in the queue
+                wait = last_write + SEND_GAP - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)  # pacing, see SEND_GAP
+                with self._changed:
+                    self._write_started = time.monotonic()
+                    self._changed.notify_all()
+                self.sock.sendall(data)  # waits while the server does not read
+                last_write = time.monotonic()
+                with self._changed:
+                    self._write_started = None
+                    self._exit_sent = final
+                    self._changed.notify_all()
+                if final:
+                    self.sock.shutdown(socket.SHUT_WR)  # no more from us; the server sees EOF
+                    return
+        except OSError:
+            self._server_gone()  # reset, or closed by close()
+        finally:
+            with self._changed:
+                self._sender_done = True
+                self._changed.notify_all()
+
+    def _server_gone(self):
+        """Sender or receiver: the connection ended, and we did not end it."""
+        with self._changed:
+            if self.leaving or self.server_closed.is_set():
+                return
+            self.server_closed.set()
+        self.on_server_closed()
 
     def _receive_loop(self):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -188,9 +311,7 @@ class ChatClient:
             pass
         if partial.strip() and not self.leaving:
             self.display.show([partial])
-        if not self.leaving:
-            self.server_closed.set()
-            self.on_server_closed()
+        self._server_gone()
 
 
 def _readable_now(sock):
@@ -227,10 +348,13 @@ class Interrupter:
     terminal's input could leave readline waiting for a key, deaf to
     signals). The handler raises KeyboardInterrupt only inside
     interruptible() (connecting, reading a line), never while the client is
-    already leaving."""
+    already leaving. Elsewhere (waiting for the sender) the main thread
+    checks leave_requested itself; on_leave_requested, called once the
+    handler has run, wakes that wait."""
 
     def __init__(self):
         self.leave_requested = threading.Event()  # set by the handler, in the main thread
+        self.on_leave_requested = lambda: None  # called by interrupt(), in the calling thread
         self._interruptible = False  # main thread only
         self._main = threading.main_thread().ident
         self._wakeup, wakeup_w = socket.socketpair()
@@ -260,6 +384,7 @@ class Interrupter:
             else:  # Windows: seen once the main thread runs again
                 _thread.interrupt_main()
             self.leave_requested.wait(WAKE_RETRY)
+        self.on_leave_requested()
 
     @contextlib.contextmanager
     def interruptible(self):
@@ -332,10 +457,10 @@ def chat(sock, interrupter, interactive):
     """Send typed lines and show the room's, until exit, Ctrl-D, Ctrl-C or the
     server closing; then leave."""
     display = Display(interactive=interactive)
-    client = ChatClient(sock, display, interrupter.interrupt)
+    client = ChatClient(sock, display, interrupter.leave_requested, interrupter.interrupt)
+    interrupter.on_leave_requested = client.wake
     print("Connected to chat server. Type 'exit' to leave.", flush=True)
     client.start()
-    send_failed = False
     try:
         while True:
             with interrupter.interruptible():
@@ -344,18 +469,17 @@ def chat(sock, interrupter, interactive):
                 break
             if line.strip():
                 client.send_line(line)
+        client.leave()  # what was typed goes first, while the server takes it
     except KeyboardInterrupt:
         # Ctrl-C, or the receiver's wake-up when the server closed: the cursor
         # may be mid-line, after half-typed text. From here on SIGINT does
-        # nothing: leaving is bounded; it finishes.
+        # nothing: leaving at once is bounded; it finishes.
         if interactive:
             display.say("")
-    except OSError:
-        send_failed = True  # the server has gone
-    if send_failed or client.server_closed.is_set():
-        sock.close()
-    else:
-        client.leave()
+        if client.server_closed.is_set():
+            client.close()
+        else:
+            client.leave(at_once=True)
     display.say("Disconnected from server")
 
 

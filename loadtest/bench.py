@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""bench.py - the chat relay benchmark: throughput, latency and scale, side by side
-with the class-demo baseline, in one run, on loopback.
+"""bench.py - the chat relay benchmark: throughput, latency, scale and overload, side by
+side with the previous design and the class-demo baseline, in one run, on loopback.
 
-    python loadtest/bench.py --quick        # under a minute
-    python loadtest/bench.py                # full: a few minutes
+    python loadtest/bench.py --quick        # a couple of minutes
+    python loadtest/bench.py                # full: see loadtest/BENCHMARK.md for the time
     python loadtest/bench.py --smoke        # seconds (the test suite's setting)
 
-It starts every relay itself (a2/mychatserver.py with --metrics-port, the
-baseline loadtest/baseline_server.py, and for calibration
-loadtest/bench_refrelay.py), each step on a fresh process, and drives them
-with worker processes (loadtest/bench_driver.py: epoll, bulk parsing). What
-it reports, per step:
+It starts every relay itself, each step on a fresh process: "project"
+(a2/mychatserver.py with --metrics-port), "previous" (the same file at an
+older commit, --previous-commit, extracted with git into a temporary
+directory together with that commit's metrics/ package), "baseline"
+(loadtest/baseline_server.py, the class demo) and, for calibration,
+"reference" (loadtest/bench_refrelay.py). It drives them with worker
+processes (loadtest/bench_driver.py: epoll, bulk parsing). Per step:
 
 * attributed deliveries/s: relays that arrived as exactly one message with
   its own sender's "PORT: " prefix (glued or cut messages do not count);
@@ -19,26 +21,36 @@ it reports, per step:
 * latency p50/p99/max from the intended send time to receipt (one clock,
   CLOCK_MONOTONIC), sampled on the first message of every read, weighted by
   the read's message count;
-* the relay's CPU seconds and peak RSS (/proc), the driver's own CPU.
+* the relay's CPU seconds (and so CPU per delivery), peak RSS and threads
+  (/proc), slow-consumer drops (its /metrics, else its stderr), the
+  driver's own CPU.
 
-Scenarios: calibration (the top rate against a relay the driver cannot
-overload), the offered-load sweep and the capacity (highest rate with zero
-loss and p99 <= 50 ms, every lower rate passing too), the same sweep with
-the metrics endpoint off, scale (N clients connected: connect time, RSS per
-client, one broadcast reaching all), and a slow reader. Output: a table on
-stdout, a JSON file, a PNG plot. See loadtest/BENCHMARK.md.
+Scenarios, one function each (run_*): calibration (the top rate against a
+relay the driver cannot overload), the offered-load sweep of every relay and
+the capacity (highest rate with zero loss and p99 <= 50 ms, every lower rate
+passing too), the metrics endpoint on vs off, scale (N clients connected:
+threads, RSS per client, one broadcast reaching all), overload (1.5 x the
+project's capacity: is anything lost, is any reading client dropped, what
+happens to latency), and a slow reader. Output: a table on stdout, a JSON
+file and a PNG plot in out/ (git-ignored) or --out DIR; the committed
+loadtest/results/ files change only when --out points there.
+See loadtest/BENCHMARK.md.
 """
 
 import argparse
 import datetime
 import json
 import multiprocessing
+import io
 import os
 import platform
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -53,31 +65,63 @@ sys.path.insert(0, str(HERE))
 import bench_driver  # after the path fix (the worker processes import it too)
 
 CAPACITY_P99_MS = 50.0
+OVERLOAD_FACTOR = 1.5      # the overload step offers this times the project's capacity
+THREADS_BEYOND_CLIENTS = 8  # "one thread per client plus a small constant" (issue 11)
+RSS_PER_CLIENT_KIB = 20.0   # issue 11's promise at 10,000 clients
+PREVIOUS_COMMIT = "a25aa6b"  # the last commit before relay core v2 (one Sender thread)
+DEFAULT_OUT = ROOT / "out"   # git-ignored (/out*/): a run never touches loadtest/results/ unless asked
 RELAYS = {
     "project": [str(ROOT / "a2" / "mychatserver.py"), "--port", "0", "--quiet"],
+    # filled by extract_previous(): the script path inside a temporary directory
+    "previous": [None, "--port", "0", "--quiet"],
     "baseline": [str(HERE / "baseline_server.py"), "--port", "0"],
     "reference": [str(HERE / "bench_refrelay.py"), "--port", "0"],
 }
+METRICS_RELAYS = {"project", "previous"}  # relays that have --metrics-port
+ORDER = ("project", "previous", "baseline")  # how relays are listed in tables and the plot
 
 MODES = {
     # rates: offered msg/s for the sweep; everything else per scenario.
-    "smoke": {"rates": [500, 2000], "duration": 1.0, "clients": 20, "senders": 4, "calibration": "top",
-              "metrics_off_rates": "top", "scale": [200], "scale_baseline": False,
-              "slow_rate": 500, "slow_baseline": False, "slow_duration": 1.5, "drain": 2.0,
+    "smoke": {"rates": [500, 2000], "duration": 0.5, "clients": 20, "senders": 4, "calibration": "top",
+              "metrics_off_rates": "top", "scale": [200], "scale_baseline": True,
+              "overload_duration": 1.0, "overload_previous": False,
+              "slow_rate": 500, "slow_baseline": False, "slow_duration": 1.0, "drain": 2.0,
               "ab_rate": 2000, "repeats": 1},
     "quick": {"rates": [1000, 5000, 10000, 20000], "duration": 2.0, "clients": 100, "senders": 10,
               "calibration": "ends", "metrics_off_rates": "top", "scale": [1000], "scale_baseline": True,
+              "overload_duration": 3.0, "overload_previous": False,
               "slow_rate": 5000, "slow_baseline": False, "slow_duration": 3.0, "drain": 2.0,
               "ab_rate": 10000, "repeats": 1},
     "full": {"rates": [500, 1000, 2000, 3000, 5000, 7500, 10000, 15000, 20000, 25000, 30000],
              "duration": 5.0, "clients": 100, "senders": 10, "calibration": "ends", "metrics_off_rates": "all",
              "scale": [1000, 5000, 10000], "scale_baseline": True,
+             "overload_duration": 10.0, "overload_previous": True,
              "slow_rate": 5000, "slow_baseline": True, "slow_duration": 6.0, "drain": 3.0,
              # the baseline's kernel send buffer autotunes to 4 MiB: its slow
              # reader takes ~10 s at this rate to fill it and stall the room
              "slow_duration_baseline": 15.0,
              "ab_rate": 10000, "repeats": 3},
 }
+
+
+def extract_previous(commit, into):
+    """Write a2/mychatserver.py and metrics/ as they were at `commit` into the
+    directory `into` (so the old script's --metrics-port finds its own
+    metrics/ beside its a2/) and make it the "previous" relay. Raises
+    RuntimeError with git's one-line reason."""
+    done = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit,
+                           "a2/mychatserver.py", "metrics"], capture_output=True, check=False)
+    if done.returncode != 0:
+        reason = done.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"cannot extract a2/mychatserver.py at {commit!r} with git: "
+                           f"{reason[-1] if reason else 'git failed'}")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
+        tar.extractall(into)  # noqa: S202 - our own repository's tree
+    script = Path(into) / "a2" / "mychatserver.py"
+    RELAYS["previous"][0] = str(script)
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit],
+                         capture_output=True, text=True, check=False).stdout.strip()
+    return rev or commit
 
 
 # --- the relay under test, as a process --------------------------------------------
@@ -93,6 +137,8 @@ class Relay:
 
     def __init__(self, kind, metrics=False):
         self.kind = kind
+        if RELAYS[kind][0] is None:
+            raise RuntimeError(f"the {kind} relay was not prepared (extract_previous)")
         command = [sys.executable, *RELAYS[kind]]
         if metrics:
             command += ["--metrics-port", "0"]
@@ -137,6 +183,21 @@ class Relay:
     def stderr(self):
         self._err.seek(0)
         return self._err.read().decode(errors="replace")
+
+    def slow_consumer_drops(self):
+        """(clients this relay dropped as slow consumers, where the count came
+        from). /metrics is exact; the log line is the fallback (the new relay
+        drops log lines rather than block, so its stderr may miss some)."""
+        if self.metrics_url:
+            try:
+                with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+                    text = response.read().decode()
+                match = re.search(r'^chat_disconnects_total\{reason="slow_consumer"\} (\S+)$', text, re.M)
+                if match:
+                    return int(float(match.group(1))), "metrics"
+            except OSError:
+                pass
+        return self.stderr().count("(slow consumer)"), "stderr"
 
     def stop(self):
         if self.proc.poll() is None:
@@ -262,10 +323,11 @@ def percentiles(lat_bytes, weight_bytes):
 
 # --- scenarios -------------------------------------------------------------------
 
-def load_step(pool, kind, rate, clients, senders, duration, drain, metrics=True, slow=0):
+def load_step(pool, kind, rate, clients, senders, duration, drain, metrics=True, slow=0, over_time=False):
     """One load phase on a fresh relay: `clients` clients (plus `slow` slow
-    readers), `senders` of them sending `rate` msg/s in all."""
-    relay = Relay(kind, metrics=metrics and kind == "project")
+    readers), `senders` of them sending `rate` msg/s in all. over_time: also
+    latency by second of the run (latency_by_second)."""
+    relay = Relay(kind, metrics=metrics and kind in METRICS_RELAYS)
     scraper = None
     try:
         counts = split(clients, len(pool))
@@ -291,7 +353,7 @@ def load_step(pool, kind, rate, clients, senders, duration, drain, metrics=True,
         machine_cpu = cpu_totals()[0] - machine0
         peak_rss = relay.status("VmHWM")
         threads = relay.status("Threads")
-        dropped = relay.stderr().count("(slow consumer)")
+        dropped, dropped_source = relay.slow_consumer_drops()
     finally:
         if scraper:
             scraper.stopping.set()
@@ -303,6 +365,7 @@ def load_step(pool, kind, rate, clients, senders, duration, drain, metrics=True,
     expected = offered * (clients - 1)
     good = sum(r["good"] for r in results)
     latency = percentiles([r["lat_us"] for r in results], [r["lat_w"] for r in results])
+    last_data_s = (max(r["last_data_ns"] for r in results) - t0) / 1e9
     loss = max(0, expected - good)
     driver_cpu = sum(r["cpu_s"] for r in results)
     step = {
@@ -313,7 +376,10 @@ def load_step(pool, kind, rate, clients, senders, duration, drain, metrics=True,
         "expected_deliveries": expected, "attributed_deliveries": good,
         # per second of the window the deliveries arrived in (the send phase,
         # or longer if the relay was still delivering after it)
-        "attributed_per_s": round(good / max(duration, (max(r["last_data_ns"] for r in results) - t0) / 1e9), 1),
+        "attributed_per_s": round(good / max(duration, last_data_s), 1),
+        # how long after the send phase ended deliveries still arrived: a
+        # relay behind its offered load works off its backlog then
+        "delivering_after_send_s": round(max(0.0, last_data_s - duration), 3),
         "lost_deliveries": loss, "loss": round(loss / expected, 6) if expected else 0.0,
         "unattributed_lines": sum(r["bad_lines"] for r in results),
         "latency_ms": latency,
@@ -327,11 +393,35 @@ def load_step(pool, kind, rate, clients, senders, duration, drain, metrics=True,
         "driver_reads": sum(r["reads"] for r in results),
         "clients_closed_by_relay": sum(r["closed"] for r in results),
         "slow_readers_dropped": sum(r["slow_dropped"] for r in results),
-        "relay_slow_consumer_drops": dropped,  # from the project relay's log
+        "relay_slow_consumer_drops": dropped, "slow_consumer_drops_from": dropped_source,
         "scrapes": scraper.scrapes if scraper else 0,
     }
     step["passed"] = (loss == 0 and latency["p99"] is not None and latency["p99"] <= CAPACITY_P99_MS)
+    if over_time:
+        step["latency_by_second"] = latency_by_second(results, t0, duration)
     return step
+
+
+def latency_by_second(results, t0_ns, duration):
+    """p50/p99 of the samples by the second of the run their message was due
+    to be sent in: shows whether latency stays flat or grows with the backlog."""
+    lat, weights, sent = array("q"), array("q"), array("q")
+    for r in results:
+        lat.frombytes(r["lat_us"])
+        weights.frombytes(r["lat_w"])
+        sent.frombytes(r["lat_sent_us"])
+    seconds = max(1, int(duration + 0.999))
+    buckets = [(array("q"), array("q")) for _ in range(seconds)]
+    t0_us = t0_ns // 1000
+    for value, weight, stamp in zip(lat, weights, sent):
+        bucket = buckets[min(seconds - 1, max(0, (stamp - t0_us) // 1_000_000))]
+        bucket[0].append(value)
+        bucket[1].append(weight)
+    out = []
+    for second, (bucket_lat, bucket_weights) in enumerate(buckets):
+        p = percentiles([bucket_lat.tobytes()], [bucket_weights.tobytes()])
+        out.append({"second": second, "p50_ms": p["p50"], "p99_ms": p["p99"], "samples": p["samples"]})
+    return out
 
 
 def sweep(pool, kind, rates, cfg, metrics=True, log=print):
@@ -355,7 +445,7 @@ def capacity(steps):
 
 
 def scale_step(pool, kind, n, broadcasts=3):
-    relay = Relay(kind, metrics=kind == "project")
+    relay = Relay(kind, metrics=kind in METRICS_RELAYS)
     try:
         rss0 = relay.status("VmRSS")
         threads0 = relay.status("Threads")
@@ -374,7 +464,9 @@ def scale_step(pool, kind, n, broadcasts=3):
             "relay": kind, "clients": n, "connect_s": round(connect_s, 3), "ready_s": round(ready_s, 3),
             "rss_before_kib": rss0, "rss_connected_kib": rss1,
             "rss_per_client_kib": round((rss1 - rss0) / n, 1),
-            "threads": threads1, "threads_per_client": round((threads1 - threads0) / n, 2),
+            "threads_before": threads0, "threads": threads1,
+            "threads_per_client": round((threads1 - threads0) / n, 2),
+            "threads_beyond_clients": threads1 - n,  # the "small constant" of one thread per client
             "broadcast_to_all_ms": sorted(times)[len(times) // 2], "broadcast_ms_all": [round(t, 2) for t in times],
             "ok": True,
         }
@@ -398,7 +490,8 @@ HEADER = (f"{'relay':<22}{'offered/s':>10}{'attributed/s':>14}{'loss':>9}{'p50 m
 
 
 def step_row(s):
-    name = s["relay"] + ("" if s["relay"] != "project" else (" (metrics)" if s["metrics"] else " (no metrics)"))
+    name = s["relay"] + ("" if s["relay"] not in METRICS_RELAYS
+                         else (" (metrics)" if s["metrics"] else " (no metrics)"))
     if s["slow_readers"]:
         name += " +slow"
     lat = s["latency_ms"]
@@ -444,76 +537,209 @@ def machine_busy(seconds=1.0):
     return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
 
 
-def plot(result, path):
+STYLES = {  # sweep key -> (label, colour, line style); also the plot's order
+    "project": ("project: relay core v2 (metrics on)", "tab:blue", "o-"),
+    "project_metrics_off": ("project (metrics off)", "tab:cyan", "s--"),
+    "previous": ("previous design (metrics on)", "tab:green", "D-"),
+    "baseline": ("class-demo baseline", "tab:red", "^-"),
+}
+
+
+def rate_label(rate):
+    return f"{rate / 1000:g}k" if rate >= 1000 else str(rate)
+
+
+def figure(result):
+    """The plot as a matplotlib Figure: throughput, p99 latency and loss
+    against offered load (log axis), each relay's capacity a labelled line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"project": ("project relay (metrics on)", "tab:blue", "o-"),
-              "project_metrics_off": ("project relay (metrics off)", "tab:cyan", "s--"),
-              "baseline": ("class-demo baseline", "tab:red", "^-")}
-    clients = None
-    for key, (label, color, style) in styles.items():
-        steps = result["sweep"].get(key) or []
+    from matplotlib.ticker import FuncFormatter, NullLocator
+    fig, (throughput, latency, loss) = plt.subplots(1, 3, figsize=(17, 5))
+    clients, rates = None, set()
+    for key, (label, color, style) in STYLES.items():
+        steps = sorted(result["sweep"].get(key) or [], key=lambda s: s["offered_rate"])
         if not steps:
             continue
         clients = steps[0]["clients"]
         x = [s["offered_rate"] for s in steps]
-        left.plot(x, [s["attributed_per_s"] for s in steps], style, color=color, label=label)
-        right.plot(x, [s["latency_ms"]["p99"] or float("nan") for s in steps], style, color=color, label=label)
-    rates = [s["offered_rate"] for s in result["sweep"]["project"]]
-    if clients:
-        left.plot(rates, [r * (clients - 1) for r in rates], ":", color="gray", label="offered x (clients - 1)")
-    for key, color in (("project", "tab:blue"), ("baseline", "tab:red")):
-        cap = result["capacity"].get(key)
-        if cap:
-            left.axvline(cap, color=color, alpha=0.3, linewidth=4)
-    left.set(xlabel="offered load (messages/s)", ylabel="attributed deliveries/s",
-             title=f"Throughput, {clients} clients (bands: capacity)")
-    left.ticklabel_format(style="plain")
-    left.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e6:.1f}M"))
-    right.axhline(CAPACITY_P99_MS, color="gray", linestyle=":", label="50 ms (capacity limit)")
-    right.set(xlabel="offered load (messages/s)", ylabel="p99 latency (ms, log)", yscale="log",
-              title="p99 latency, send to receipt")
-    for ax in (left, right):
+        rates.update(x)
+        throughput.plot(x, [s["attributed_per_s"] for s in steps], style, color=color, label=label)
+        latency.plot(x, [s["latency_ms"]["p99"] or float("nan") for s in steps], style, color=color, label=label)
+        loss.plot(x, [s["loss"] * 100 for s in steps], style, color=color, label=label)
+    rates = sorted(rates)
+    if clients and rates:
+        throughput.plot(rates, [r * (clients - 1) for r in rates], ":", color="gray",
+                        label="offered x (clients - 1)")
+    # Capacity lines, one per relay; relays with the same capacity share one label.
+    by_cap = {}
+    for key in ORDER:
+        if result["capacity"].get(key):
+            by_cap.setdefault(result["capacity"][key], []).append(key)
+    for cap, keys in by_cap.items():
+        color = STYLES[keys[0]][1] if len(keys) == 1 else "dimgray"
+        for ax in (throughput, latency, loss):
+            ax.axvline(cap, color=color, alpha=0.3, linewidth=3)
+        for ax in (throughput, loss):
+            ax.text(cap, 0.97, f"{' = '.join(keys)} capacity {cap:,}/s ", transform=ax.get_xaxis_transform(),
+                    rotation=90, va="top", ha="right", fontsize=7, color=color)
+    throughput.set(ylabel="attributed deliveries/s", title=f"Throughput, {clients} clients")
+    throughput.yaxis.set_major_formatter(FuncFormatter(
+        lambda v, _: f"{v / 1e6:.1f}M" if abs(v) >= 1e6 else f"{v / 1e3:g}k" if abs(v) >= 1e3 else f"{v:g}"))
+    latency.axhline(CAPACITY_P99_MS, color="gray", linestyle=":", label=f"{CAPACITY_P99_MS:.0f} ms (capacity limit)")
+    latency.set(ylabel="p99 latency (ms, log)", yscale="log", title="p99 latency, send to receipt")
+    for axis_format in (latency.yaxis.set_major_formatter, latency.yaxis.set_minor_formatter):
+        axis_format(FuncFormatter(lambda v, _: f"{v:g}"))
+    worst = max([s["loss"] * 100 for steps in result["sweep"].values() for s in steps] or [0])
+    loss.set(ylabel="lost deliveries (% of expected)", ylim=(-1, max(5.0, worst * 1.1)),
+             title="Loss (glued, cut or never delivered)")
+    for ax in (throughput, latency, loss):
+        ax.set(xscale="log", xlabel="offered load (messages/s, log)")
+        if rates:
+            ax.set_xticks(rates)
+            ax.set_xticklabels([rate_label(r) for r in rates], fontsize=7)
+            ax.xaxis.set_minor_locator(NullLocator())
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend for the three panels, below them (inside, it hid the lines and labels).
+    handles = {}
+    for ax in (throughput, latency, loss):
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8)
     meta = result["meta"]
     fig.suptitle(f"chat relay benchmark ({meta['mode']}), {meta['machine']['cpus']} cores, "
-                 f"{meta['date']}", fontsize=10)
-    fig.tight_layout()
+                 f"{meta['date']}; capacity: zero loss and p99 <= {CAPACITY_P99_MS:.0f} ms", fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot(result, path):
+    import matplotlib.pyplot as plt
+    fig = figure(result)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def compare(result):
+    """The relays side by side at the same offered rates: capacity, CPU per
+    delivery, loss. CPU per delivery is compared only where both relays lost
+    nothing (a relay that drops work does less of it per delivery)."""
+    sweeps = {k: result["sweep"][k] for k in ORDER if result["sweep"].get(k)}
+    if not sweeps:
+        return None
+    rates = sorted(set.intersection(*({s["offered_rate"] for s in steps} for steps in sweeps.values())))
+    by_rate = []
+    for rate in rates:
+        row = {"rate": rate}
+        for kind, steps in sweeps.items():
+            step = next(s for s in steps if s["offered_rate"] == rate)
+            row[kind] = {"cpu_us_per_delivery": step["relay_cpu_us_per_delivery"], "loss": step["loss"],
+                         "p99_ms": step["latency_ms"]["p99"], "passed": step["passed"]}
+        by_rate.append(row)
+    out = {"rates": rates, "by_rate": by_rate,
+           "capacity": {k: result["capacity"].get(k) for k in sweeps},
+           "cpu_us_per_delivery_median": {
+               k: median([r[k]["cpu_us_per_delivery"] for r in by_rate if r[k]["loss"] == 0]) for k in sweeps}}
+    base = result["capacity"].get("baseline")
+    if base:
+        out["capacity_vs_baseline"] = {k: round(result["capacity"][k] / base, 1) for k in sweeps if k != "baseline"}
+    if "project" in sweeps and "previous" in sweeps:
+        both = [r for r in by_rate if r["project"]["loss"] == 0 and r["previous"]["loss"] == 0
+                and r["project"]["cpu_us_per_delivery"] and r["previous"]["cpu_us_per_delivery"]]
+        ratios = [r["project"]["cpu_us_per_delivery"] / r["previous"]["cpu_us_per_delivery"] for r in both]
+        out["project_vs_previous"] = {
+            "capacity": [result["capacity"]["project"], result["capacity"]["previous"]],
+            "cpu_per_delivery_ratio_median": round(median(ratios), 3) if ratios else None,
+            "rates_compared": [r["rate"] for r in both]}
+    return out
+
+
+def overload_summary(step, at_capacity, capacity_rate):
+    """Did the relay keep its promise at OVERLOAD_FACTOR x its capacity:
+    nothing lost, no reading client dropped; and what happened to latency."""
+    drops = step["relay_slow_consumer_drops"]
+    closed = step["clients_closed_by_relay"]
+    by_second = step.get("latency_by_second") or []
+    p99s = [b["p99_ms"] for b in by_second if b["p99_ms"] is not None]
+    met = step["lost_deliveries"] == 0 and closed == 0 and drops == 0
+    cap_p99 = at_capacity["latency_ms"]["p99"] if at_capacity else None
+    return {
+        "relay": step["relay"], "rate": step["offered_rate"], "capacity": capacity_rate,
+        "lost_deliveries": step["lost_deliveries"], "loss": step["loss"],
+        "reading_clients_closed": closed, "slow_consumer_drops": drops,
+        "slow_consumer_drops_from": step["slow_consumer_drops_from"],
+        "attributed_per_s": step["attributed_per_s"], "latency_ms": step["latency_ms"],
+        "p99_at_capacity_ms": cap_p99, "p99_first_second_ms": p99s[0] if p99s else None,
+        "p99_last_second_ms": p99s[-1] if p99s else None,
+        "delivering_after_send_s": step["delivering_after_send_s"], "met": met,
+        "summary": f"{step['relay']} at {step['offered_rate']:,} msg/s "
+                   f"({step['offered_rate'] / capacity_rate:.2g} x capacity {capacity_rate:,}): "
+                   f"{step['lost_deliveries']:,} deliveries lost, {closed} reading clients closed, "
+                   f"{drops} slow-consumer drops ({step['slow_consumer_drops_from']}); p50 "
+                   f"{fmt(step['latency_ms']['p50'])} / p99 {fmt(step['latency_ms']['p99'])} ms "
+                   f"(at capacity p99 {fmt(cap_p99)} ms), p99 by second of sending "
+                   f"{fmt(p99s[0] if p99s else None)} -> {fmt(p99s[-1] if p99s else None)} ms, "
+                   f"still delivering {step['delivering_after_send_s']:.1f} s after sending stopped",
+        "step": step}
+
+
+def biggest_scale(result, kind):
+    steps = [s for s in result["scale"] if s["relay"] == kind and s["ok"]]
+    return max(steps, key=lambda s: s["clients"]) if steps else None
+
+
 def targets(result):
-    """The issue's targets, each with what was measured and whether it was met."""
+    """The issues' targets, each with what was measured and whether it was met
+    (None: this run could not say, e.g. --quick does not reach 10,000 clients)."""
     out = []
-    cap, base = result["capacity"].get("project", 0), result["capacity"].get("baseline")
-    at_least = result["capacity"].get("ratio_at_least")
+    caps = result["capacity"]
+    cap, base = caps.get("project", 0), caps.get("baseline")
+    at_least = caps.get("ratio_at_least")
     if base is not None:
         out.append({"target": "capacity >= 10x the baseline's (same run)",
                     "measured": f"{cap:,} vs {base:,} msg/s offered = "
-                                + (f"{result['capacity']['ratio']}x" if base else f"more than {at_least}x "
+                                + (f"{caps['ratio']}x" if base else f"more than {at_least}x "
                                    "(the baseline failed at every rate)"),
                     "met": bool(cap >= 10 * base if base else at_least and at_least >= 10)})
+    versus = (result.get("comparison") or {}).get("project_vs_previous")
+    if versus:
+        new, old = versus["capacity"]
+        out.append({"target": "capacity no lower than the previous design's (same run)",
+                    "measured": f"{new:,} vs {old:,} msg/s", "met": new >= old})
+        ratio = versus["cpu_per_delivery_ratio_median"]
+        out.append({"target": "CPU per delivery no higher than the previous design's (same rates)",
+                    "measured": f"project / previous = {fmt(ratio, '{:.3f}')}, median over the rates "
+                                f"both lost nothing at ({', '.join(map(rate_label, versus['rates_compared']))})",
+                    "met": ratio is not None and ratio <= 1.0})
     low = next((s for s in result["sweep"].get("project", []) if s["offered_rate"] == 1000), None)
     if low:
         out.append({"target": "1,000 msg/s: zero loss, p99 <= 10 ms",
                     "measured": f"loss {low['loss']:.2%}, p99 {fmt(low['latency_ms']['p99'])} ms",
                     "met": low["lost_deliveries"] == 0 and (low["latency_ms"]["p99"] or 1e9) <= 10})
-    top = [s for s in result["scale"] if s["relay"] == "project"]
-    if top:
-        biggest = max(top, key=lambda s: s["clients"] if s["ok"] else -1)
-        if biggest["ok"]:
-            out.append({"target": "10,000 clients on one process, a broadcast reaches all; RSS/client < 100 KiB",
-                        "measured": f"{biggest['clients']:,} clients, broadcast {biggest['broadcast_to_all_ms']:.0f} ms, "
-                                    f"{biggest['rss_per_client_kib']} KiB/client",
-                        # None: this mode did not go up to 10,000 clients (--quick, --smoke)
-                        "met": (biggest["clients"] >= 10000 and biggest["rss_per_client_kib"] < 100)
-                        if biggest["clients"] >= 10000 else None})
-        else:
-            out.append({"target": "10,000 clients", "measured": biggest.get("error"), "met": False})
+    biggest = biggest_scale(result, "project")
+    if biggest:
+        n = biggest["clients"]
+        at_10k = n >= 10000 or None  # met only counts at 10,000 clients
+        out.append({"target": f"threads = clients + at most {THREADS_BEYOND_CLIENTS}",
+                    "measured": f"{biggest['threads']:,} threads with {n:,} clients "
+                                f"(+{biggest['threads_beyond_clients']})",
+                    "met": at_10k and biggest["threads_beyond_clients"] <= THREADS_BEYOND_CLIENTS})
+        out.append({"target": f"RSS per client <= {RSS_PER_CLIENT_KIB:g} KiB at 10,000 clients",
+                    "measured": f"{biggest['rss_per_client_kib']} KiB/client with {n:,} clients",
+                    "met": at_10k and biggest["rss_per_client_kib"] <= RSS_PER_CLIENT_KIB})
+        same = next((s for s in result["scale"] if s["relay"] == "baseline" and s["ok"] and s["clients"] == n), None)
+        out.append({"target": f"one broadcast reaches all {n - 1:,} others no slower than the baseline's",
+                    "measured": f"{biggest['broadcast_to_all_ms']:.1f} ms vs "
+                                + (f"{same['broadcast_to_all_ms']:.1f} ms (baseline)" if same else "- (no baseline)"),
+                    "met": at_10k and bool(same) and biggest["broadcast_to_all_ms"] <= same["broadcast_to_all_ms"]})
+    failed = [s for s in result["scale"] if s["relay"] == "project" and not s["ok"]]
+    if failed:
+        out.append({"target": f"{failed[0]['clients']:,} clients", "measured": failed[0].get("error"), "met": False})
+    overload = (result.get("overload") or {}).get("project")
+    if overload:
+        out.append({"target": f"at {OVERLOAD_FACTOR:g}x capacity nothing lost and no reading client dropped",
+                    "measured": overload["summary"], "met": overload["met"]})
     mc = result.get("metrics_cost")
     if mc:
         out.append({"target": "metrics on costs < 5% of capacity",
@@ -525,19 +751,191 @@ def targets(result):
     return out
 
 
+# --- scenarios: one function each; run() calls those --only selects, in order ----
+
+class Run:
+    """One benchmark run: its settings, the driver pool and the result it builds."""
+
+    def __init__(self, args, cfg, pool):
+        self.args, self.cfg, self.pool = args, cfg, pool
+        self.relays = args.relay_list
+        self.result = {
+            "meta": {"mode": args.mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                     "machine": machine(), "config": cfg, "driver_procs": args.driver_procs,
+                     "relays": self.relays, "project_script": str(args.project_script),
+                     "previous_commit": getattr(args, "previous_rev", None),
+                     "capacity_rule": f"highest offered rate with zero loss and p99 <= {CAPACITY_P99_MS:.0f} ms, "
+                                      "every lower rate passing too",
+                     "latency_method": "intended send time to receipt, CLOCK_MONOTONIC; one sample per read "
+                                       "(its first complete message) weighted by the read's message count"},
+            "calibration": [], "sweep": {}, "capacity": {}, "comparison": None, "scale": [],
+            "overload": {}, "slow_reader": {}, "metrics_cost": None,
+        }
+
+    def step(self, kind, rate, duration=None, drain=None, **options):
+        cfg = self.cfg
+        step = load_step(self.pool, kind, rate, cfg["clients"], cfg["senders"],
+                         cfg["duration"] if duration is None else duration,
+                         cfg["drain"] if drain is None else drain, **options)
+        print(step_row(step), flush=True)
+        return step
+
+
+def run_calibration(run):
+    cfg = run.cfg
+    print("\n== calibration: the lowest and top rates against the reference relay "
+          "(the driver's own limits)")
+    print(HEADER, flush=True)
+    ends = {max(cfg["rates"])} | ({min(cfg["rates"])} if cfg["calibration"] == "ends" else set())
+    run.result["calibration"] = [run.step("reference", rate, metrics=False) for rate in sorted(ends)]
+
+
+def run_sweep(run):
+    """Every relay at every rate, then the project with metrics off; capacities."""
+    cfg, result = run.cfg, run.result
+    print(f"\n== offered-load sweep ({cfg['clients']} clients, {cfg['senders']} senders)")
+    print(HEADER, flush=True)
+    for kind in run.relays:
+        result["sweep"][kind] = [run.step(kind, rate) for rate in cfg["rates"]]
+    if "project" in run.relays:
+        cap_on = capacity(result["sweep"]["project"])
+        if cfg["metrics_off_rates"] == "all":
+            off_rates = cfg["rates"]
+        else:  # the rate at (or just above) capacity, where a cost would show
+            above = [r for r in cfg["rates"] if r > cap_on]
+            off_rates = [cap_on or min(cfg["rates"])] + (above[:1] if run.args.mode == "quick" else [])
+        result["sweep"]["project_metrics_off"] = [run.step("project", rate, metrics=False) for rate in off_rates]
+    for kind, steps in result["sweep"].items():
+        result["capacity"][kind] = capacity(steps)
+    cap, base = result["capacity"].get("project", 0), result["capacity"].get("baseline", 0)
+    result["capacity"]["ratio"] = round(cap / base, 1) if base else None
+    if base == 0 and "baseline" in run.relays:
+        # Not even the lowest rate passed: the ratio is at least cap / lowest.
+        lowest = min(cfg["rates"])
+        result["capacity"]["ratio_at_least"] = round(cap / lowest, 1)
+        result["capacity"]["note"] = (f"the baseline failed at every rate swept (lowest {lowest:,}/s): "
+                                      f"the ratio is more than {cap / lowest:.1f}")
+    top = max(cfg["rates"])
+    result["capacity"]["at_least"] = sorted(k for k, cap in result["capacity"].items()
+                                            if k in result["sweep"] and cap == top)
+    result["comparison"] = compare(result)
+
+
+def run_metrics_cost(run):
+    """Interleaved pairs at one rate: metrics endpoint on, then off."""
+    if "project" not in run.relays:
+        return
+    cfg = run.cfg
+    print(f"\n== metrics endpoint on vs off, {cfg['ab_rate']:,} msg/s, {cfg['repeats']} interleaved pair(s)")
+    print(HEADER, flush=True)
+    pairs = [[run.step("project", cfg["ab_rate"], metrics=metrics) for metrics in (True, False)]
+             for _ in range(cfg["repeats"])]
+    run.result["metrics_cost"] = metrics_cost(run.result["sweep"], pairs)
+
+
+def run_scale(run):
+    cfg = run.cfg
+    kinds = [k for k in run.relays if k != "baseline" or cfg["scale_baseline"]]
+    print("\n== scale: clients connected to one relay process")
+    print(f"{'relay':<10}{'clients':>8}{'connect s':>11}{'ready s':>9}{'RSS MiB':>9}"
+          f"{'KiB/client':>12}{'threads':>9}{'+const':>7}{'broadcast ms':>14}")
+    for n in cfg["scale"]:
+        for kind in kinds:
+            s = scale_step(run.pool, kind, n)
+            run.result["scale"].append(s)
+            if s["ok"]:
+                print(f"{kind:<10}{n:>8,}{s['connect_s']:>11.2f}{s['ready_s']:>9.2f}"
+                      f"{s['rss_connected_kib'] / 1024:>9.1f}{s['rss_per_client_kib']:>12.1f}"
+                      f"{s['threads']:>9,}{s['threads_beyond_clients']:>+7}{s['broadcast_to_all_ms']:>14.1f}",
+                      flush=True)
+            else:
+                print(f"{kind:<10}{n:>8,}  FAILED: {s['error']}", flush=True)
+
+
+def run_overload(run):
+    """OVERLOAD_FACTOR x the project's capacity for overload_duration seconds,
+    then as long again to deliver the backlog (a relay that holds the excess
+    back rather than dropping it needs that time)."""
+    cfg, result = run.cfg, run.result
+    if "project" not in run.relays:
+        print("\n== overload: skipped (it is the project's promise: add project to --relays)", flush=True)
+        return
+    cap = result["capacity"].get("project") or 0
+    note = None
+    if run.args.overload_rate:
+        rate = run.args.overload_rate
+        if not cap:
+            cap = round(rate / OVERLOAD_FACTOR)
+            note = f"rate from --overload-rate, no sweep capacity: {cap:,} assumed"
+    else:
+        if not cap:  # nothing passed: overload the lowest rate swept instead, and say so
+            cap = min(cfg["rates"])
+            note = f"no sweep capacity: {OVERLOAD_FACTOR:g} x the lowest rate swept ({cap:,})"
+        rate = int(round(OVERLOAD_FACTOR * cap))
+    kinds = ["project"] + (["previous"] if cfg["overload_previous"] and "previous" in run.relays else [])
+    duration = cfg["overload_duration"]
+    print(f"\n== overload: {rate:,} msg/s ({rate / cap:.2g} x the project's capacity {cap:,}), "
+          f"{duration:g} s" + (f" ({note})" if note else ""))
+    print(HEADER, flush=True)
+    calibrated = max([s["offered_rate"] for s in result["calibration"]] or [0])
+    reference = None
+    if "calibration" in run.args.only and rate > calibrated:
+        # Above the calibrated rates: can the driver itself offer and count this much?
+        reference = run.step("reference", rate, duration=duration, drain=cfg["drain"] + duration, metrics=False)
+        result["overload_calibration"] = reference
+    for kind in kinds:
+        step = run.step(kind, rate, duration=duration, drain=cfg["drain"] + duration, over_time=True)
+        at_cap = next((s for s in result["sweep"].get(kind) or [] if s["offered_rate"] == cap), None)
+        summary = result["overload"][kind] = overload_summary(step, at_cap, cap)
+        if note:
+            summary["note"] = note
+        if reference:
+            summary["reference_loss_at_this_rate"] = reference["loss"]
+            summary["summary"] += (f"; the reference relay at this rate lost {reference['loss']:.2%}"
+                                   + ("" if reference["lost_deliveries"] == 0 else
+                                      " (the driver is a limit here: the relay's figures are bounded by it)"))
+        by_second = " ".join(fmt(b["p99_ms"], "{:.0f}") for b in step["latency_by_second"])
+        print(f"   {kind} p99 by second of sending (ms): {by_second}; slow-consumer drops "
+              f"{step['relay_slow_consumer_drops']} ({step['slow_consumer_drops_from']}), "
+              f"reading clients closed {step['clients_closed_by_relay']}", flush=True)
+
+
+def run_slow_reader(run):
+    cfg = run.cfg
+    kinds = [k for k in ("project", "baseline") if k in run.relays and (k == "project" or cfg["slow_baseline"])]
+    if not kinds:
+        return
+    print(f"\n== slow reader: one extra client reading 1 KiB every 100 ms "
+          f"({cfg['slow_rate']:,} msg/s offered)")
+    print(HEADER, flush=True)
+    for kind in kinds:
+        without, with_slow = [], []
+        for _ in range(cfg["repeats"] if kind == "project" else 1):
+            for slow, steps in ((0, without), (1, with_slow)):
+                duration = cfg.get(f"slow_duration_{kind}", cfg["slow_duration"])
+                steps.append(run.step(kind, cfg["slow_rate"], duration=duration, slow=slow))
+        run.result["slow_reader"][kind] = slow_summary(without, with_slow)
+
+
+# (--only name, scenario) in the order they run; overload needs the sweep's capacity
+SCENARIOS = [("calibration", run_calibration), ("sweep", run_sweep), ("sweep", run_metrics_cost),
+             ("scale", run_scale), ("overload", run_overload), ("slow", run_slow_reader)]
+
+
 # --- main ------------------------------------------------------------------------
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Benchmark the chat relay against the class-demo baseline on loopback: "
-                    "attributed deliveries/s, loss, latency, capacity, scale, slow reader, metrics cost.")
+        description="Benchmark the chat relay against its previous design and the class-demo baseline on "
+                    "loopback: attributed deliveries/s, loss, latency, capacity, CPU per delivery, scale, "
+                    "overload, slow reader, metrics cost.")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", const="quick", dest="mode",
-                      help="a short run (under a minute)")
+                      help="a short run (a few minutes)")
     mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
-                      help="a few seconds, tiny sizes: checks the machinery (the test suite)")
+                      help="seconds, tiny sizes: checks the machinery (the test suite)")
     mode.add_argument("--full", action="store_const", const="full", dest="mode",
-                      help="the full run, a few minutes (default)")
+                      help="the full run (default; see loadtest/BENCHMARK.md for how long)")
     parser.add_argument("--rates", type=lambda t: [int(x) for x in t.split(",")],
                         help="comma-separated offered rates (msg/s) for the sweep, e.g. 1000,5000,20000")
     parser.add_argument("--duration", type=float, help="seconds of load per step")
@@ -545,148 +943,107 @@ def parse_args(argv=None):
     parser.add_argument("--senders", type=int, help="senders among them (default 10)")
     parser.add_argument("--scale", type=lambda t: [int(x) for x in t.split(",")],
                         help="comma-separated client counts for the scale scenario")
+    parser.add_argument("--overload-rate", type=int,
+                        help=f"offered msg/s for the overload step (default: {OVERLOAD_FACTOR:g} x the "
+                             "project's capacity from the sweep)")
     parser.add_argument("--driver-procs", type=int, default=2,
                         help="driver worker processes (default: %(default)s)")
-    parser.add_argument("--only", choices=["sweep", "scale", "slow", "calibration"], action="append",
+    parser.add_argument("--only", choices=sorted({name for name, _ in SCENARIOS}), action="append",
                         help="run only these scenarios (repeatable)")
-    parser.add_argument("--relays", default="project,baseline",
-                        help="relays to sweep (default: %(default)s)")
+    parser.add_argument("--relays", default="project,previous,baseline",
+                        help="comma-separated relays to compare, of project, previous, baseline "
+                             "(default: %(default)s)")
     parser.add_argument("--project-script", type=Path, default=RELAYS["project"][0],
-                        help="the relay benchmarked as 'project' (default: a2/mychatserver.py), "
-                             "e.g. an older version to compare")
-    parser.add_argument("--json", type=Path, help="JSON output (default: loadtest/results/bench-MODE.json)")
-    parser.add_argument("--png", type=Path, help="plot output (default: loadtest/results/bench-MODE.png)")
+                        help="the relay benchmarked as 'project' (default: a2/mychatserver.py)")
+    parser.add_argument("--previous-commit", default=PREVIOUS_COMMIT,
+                        help="the commit whose a2/mychatserver.py (and metrics/) is benchmarked as "
+                             "'previous', extracted with git into a temporary directory "
+                             "(default: %(default)s, the last commit before relay core v2)")
+    parser.add_argument("--out", type=Path,
+                        help=f"directory for bench-MODE.json and bench-MODE.png (default: "
+                             f"{DEFAULT_OUT.relative_to(ROOT)}/, git-ignored; the committed figures are "
+                             "replaced only with --out loadtest/results)")
+    parser.add_argument("--json", type=Path, help="JSON output file (overrides --out for the JSON)")
+    parser.add_argument("--png", type=Path, help="plot output file (overrides --out for the plot)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     args = parser.parse_args(argv)
     args.mode = args.mode or "full"
+    args.relay_list = [k for k in args.relays.split(",") if k]
+    unknown = [k for k in args.relay_list if k not in ORDER]
+    if unknown or not args.relay_list:
+        parser.error(f"--relays: unknown relay {', '.join(unknown) or '(none)'}; choose from {', '.join(ORDER)}")
+    args.relay_list = [k for k in ORDER if k in args.relay_list]  # one order in every table
+    args.only = args.only or sorted({name for name, _ in SCENARIOS})
+    if "overload" in args.only and "sweep" not in args.only and not args.overload_rate:
+        parser.error("--only overload needs the sweep's capacity: add --only sweep or give --overload-rate")
     return args
+
+
+def output_paths(args):
+    """Where the JSON and the PNG go: --json/--png, else --out, else out/ (git-ignored)."""
+    out = args.out or DEFAULT_OUT
+    return (args.json or out / f"bench-{args.mode}.json"), (args.png or out / f"bench-{args.mode}.png")
+
+
+def configure(args):
+    cfg = dict(MODES[args.mode])
+    for key in ("rates", "duration", "clients", "senders", "scale"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    return cfg
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = dict(MODES[args.mode])
+    cfg = configure(args)
     RELAYS["project"][0] = str(args.project_script)
-    for key in ("rates", "duration", "clients", "senders", "scale"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    only = set(args.only or ["sweep", "scale", "slow", "calibration"])
-    relays = args.relays.split(",")
-    out_dir = HERE / "results"
-    json_path = args.json or out_dir / f"bench-{args.mode}.json"
-    png_path = args.png or out_dir / f"bench-{args.mode}.png"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = output_paths(args)
     _raise_nofile()
     started = time.monotonic()
-    result = {
-        "meta": {"mode": args.mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "machine": machine(), "config": cfg, "driver_procs": args.driver_procs,
-                 "project_script": str(args.project_script),
-                 "capacity_rule": f"highest offered rate with zero loss and p99 <= {CAPACITY_P99_MS:.0f} ms, "
-                                  "every lower rate passing too",
-                 "latency_method": "intended send time to receipt, CLOCK_MONOTONIC; one sample per read "
-                                   "(its first complete message) weighted by the read's message count"},
-        "calibration": [], "sweep": {}, "capacity": {}, "scale": [], "slow_reader": {},
-        "metrics_cost": None,
-    }
-    busy = machine_busy()
-    result["meta"]["cpu_busy_before_run"] = busy
-    if busy > 0.15:
-        print(f"WARNING: {busy:.0%} of this machine's CPU was busy before the run started; "
-              "the figures below measure that load too", flush=True)
-    pool = Pool(args.driver_procs)
+    previous_dir = tempfile.mkdtemp(prefix="bench-previous-")
     try:
-        print(f"chat relay benchmark, mode {args.mode}: {cfg['clients']} clients, {cfg['senders']} senders, "
-              f"{cfg['duration']:g} s per step, {args.driver_procs} driver processes, loopback", flush=True)
-        if "calibration" in only:
-            print("\n== calibration: the lowest and top rates against the reference relay "
-                  "(the driver's own limits)")
-            print(HEADER)
-            result["calibration"] = []
-            ends = {max(cfg["rates"])} | ({min(cfg["rates"])} if cfg["calibration"] == "ends" else set())
-            for rate in sorted(ends):
-                step = load_step(pool, "reference", rate, cfg["clients"], cfg["senders"],
-                                 cfg["duration"], cfg["drain"], metrics=False)
-                result["calibration"].append(step)
-                print(step_row(step), flush=True)
-        if "sweep" in only:
-            print(f"\n== offered-load sweep ({cfg['clients']} clients, {cfg['senders']} senders)")
-            print(HEADER, flush=True)
-            for kind in relays:
-                result["sweep"][kind] = sweep(pool, kind, cfg["rates"], cfg,
-                                              log=lambda row: print(row, flush=True))
-            if "project" in relays:
-                cap_on = capacity(result["sweep"]["project"])
-                if cfg["metrics_off_rates"] == "all":
-                    off_rates = cfg["rates"]
-                else:  # quick: the rate at (or just above) capacity, where a cost would show
-                    above = [r for r in cfg["rates"] if r > cap_on]
-                    off_rates = [cap_on or min(cfg["rates"])] + (above[:1] if args.mode == "quick" else [])
-                off = sweep(pool, "project", off_rates, cfg, metrics=False,
-                            log=lambda row: print(row, flush=True))
-                result["sweep"]["project_metrics_off"] = off
-            for kind, steps in result["sweep"].items():
-                result["capacity"][kind] = capacity(steps)
-            cap, base = result["capacity"].get("project", 0), result["capacity"].get("baseline", 0)
-            result["capacity"]["ratio"] = round(cap / base, 1) if base else None
-            if base == 0 and "baseline" in relays:
-                # Not even the lowest rate passed: the ratio is at least cap / lowest.
-                lowest = min(cfg["rates"])
-                result["capacity"]["ratio_at_least"] = round(cap / lowest, 1)
-                result["capacity"]["note"] = (f"the baseline failed at every rate swept (lowest {lowest:,}/s): "
-                                              f"the ratio is more than {cap / lowest:.1f}")
-            if "project" in relays:
-                print(f"\n== metrics endpoint on vs off, {cfg['ab_rate']:,} msg/s, {cfg['repeats']} interleaved pair(s)")
-                print(HEADER, flush=True)
-                pairs = []
-                for _ in range(cfg["repeats"]):
-                    pair = []
-                    for metrics in (True, False):
-                        step = load_step(pool, "project", cfg["ab_rate"], cfg["clients"], cfg["senders"],
-                                         cfg["duration"], cfg["drain"], metrics=metrics)
-                        pair.append(step)
-                        print(step_row(step), flush=True)
-                    pairs.append(pair)
-                result["metrics_cost"] = metrics_cost(result["sweep"], pairs)
-        if "scale" in only:
-            print("\n== scale: clients connected to one relay process")
-            print(f"{'relay':<10}{'clients':>8}{'connect s':>11}{'ready s':>9}{'RSS MiB':>9}"
-                  f"{'KiB/client':>12}{'threads':>9}{'broadcast ms':>14}")
-            for n in cfg["scale"]:
-                for kind in ["project"] + (["baseline"] if cfg["scale_baseline"] else []):
-                    s = scale_step(pool, kind, n)
-                    result["scale"].append(s)
-                    if s["ok"]:
-                        print(f"{kind:<10}{n:>8,}{s['connect_s']:>11.2f}{s['ready_s']:>9.2f}"
-                              f"{s['rss_connected_kib'] / 1024:>9.1f}{s['rss_per_client_kib']:>12.1f}"
-                              f"{s['threads']:>9,}{s['broadcast_to_all_ms']:>14.1f}", flush=True)
-                    else:
-                        print(f"{kind:<10}{n:>8,}  FAILED: {s['error']}", flush=True)
-        if "slow" in only:
-            print(f"\n== slow reader: one extra client reading 1 KiB every 100 ms "
-                  f"({cfg['slow_rate']:,} msg/s offered)")
-            print(HEADER, flush=True)
-            for kind in ["project"] + (["baseline"] if cfg["slow_baseline"] else []):
-                without, with_slow = [], []
-                for _ in range(cfg["repeats"] if kind == "project" else 1):
-                    for slow, steps in ((0, without), (1, with_slow)):
-                        duration = cfg.get(f"slow_duration_{kind}", cfg["slow_duration"])
-                        step = load_step(pool, kind, cfg["slow_rate"], cfg["clients"], cfg["senders"],
-                                         duration, cfg["drain"], slow=slow)
-                        steps.append(step)
-                        print(step_row(step), flush=True)
-                result["slow_reader"][kind] = slow_summary(without, with_slow)
+        if "previous" in args.relay_list:
+            try:
+                args.previous_rev = extract_previous(args.previous_commit, previous_dir)
+            except RuntimeError as exc:
+                print(f"bench.py: {exc}", file=sys.stderr)
+                return 2
+        busy = machine_busy()
+        if busy > 0.15:
+            print(f"WARNING: {busy:.0%} of this machine's CPU was busy before the run started; "
+                  "the figures below measure that load too", flush=True)
+        run = Run(args, cfg, Pool(args.driver_procs))
+        run.result["meta"]["cpu_busy_before_run"] = busy
+        try:
+            print(f"chat relay benchmark, mode {args.mode}: relays {', '.join(run.relays)}"
+                  + (f" (previous = {args.previous_rev})" if "previous" in run.relays else "")
+                  + f"; {cfg['clients']} clients, {cfg['senders']} senders, {cfg['duration']:g} s per step, "
+                    f"{args.driver_procs} driver processes, loopback", flush=True)
+            for name, scenario in SCENARIOS:
+                if name in args.only:
+                    scenario(run)
+        finally:
+            run.pool.close()
     finally:
-        pool.close()
-    result["targets"] = targets(result) if result["sweep"] else []
+        shutil.rmtree(previous_dir, ignore_errors=True)
+    write_outputs(run, json_path, None if args.no_plot else png_path, started)
+    return 0
+
+
+def write_outputs(run, json_path, png_path, started):
+    result = run.result
+    result["targets"] = targets(result) if (result["sweep"] or result["scale"]) else []
     result["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     result["meta"]["loadavg_at_end"] = os.getloadavg()  # this machine may be shared: see both
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    if result["sweep"] and not args.no_plot:
+    drawn = bool(result["sweep"]) and png_path is not None
+    if drawn:
+        png_path.parent.mkdir(parents=True, exist_ok=True)
         plot(result, png_path)
         result["meta"]["png"] = str(png_path)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
     print_summary(result)
-    print(f"\nJSON: {json_path}" + ("" if args.no_plot or not result["sweep"] else f"\nplot: {png_path}"))
-    return 0
+    print(f"\nJSON: {json_path}" + (f"\nplot: {png_path}" if drawn else ""))
 
 
 def median(values):
@@ -738,18 +1095,35 @@ def slow_summary(without, with_slow):
 
 
 def print_summary(result):
-    if result["capacity"]:
-        c = result["capacity"]
-        ratio = f"{c['ratio']}x" if c.get("ratio") else (f"more than {c['ratio_at_least']}x"
-                                                          if c.get("ratio_at_least") else "-")
-        print(f"\ncapacity (zero loss, p99 <= 50 ms): project {c.get('project', 0):,} msg/s, "
-              f"baseline {c.get('baseline', 0):,} msg/s, ratio {ratio}"
-              + (f", project with metrics off {c['project_metrics_off']:,}" if "project_metrics_off" in c else ""))
+    caps = result["capacity"]
+    if caps:
+        swept = [k for k in ORDER if k in caps]
+        at_least = caps.get("at_least") or []
+        print("\ncapacity (zero loss, p99 <= 50 ms): "
+              + ", ".join(f"{k} {'at least ' if k in at_least else ''}{caps[k]:,} msg/s" for k in swept)
+              + (f", project with metrics off {caps['project_metrics_off']:,}" if "project_metrics_off" in caps else ""))
+        comparison = result.get("comparison") or {}
+        ratios = comparison.get("capacity_vs_baseline")
+        if ratios:
+            print("  vs the class-demo baseline: " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
+        elif caps.get("ratio_at_least"):
+            print(f"  vs the class-demo baseline: project more than {caps['ratio_at_least']}x")
+        if comparison.get("by_rate"):
+            kinds = [k for k in ORDER if k in comparison["by_rate"][0]]
+            print("relay CPU per delivery (us) at the same offered rates ('*': that step lost deliveries):")
+            print(f"{'offered/s':>10}" + "".join(f"{k:>12}" for k in kinds))
+            for row in comparison["by_rate"]:
+                print(f"{row['rate']:>10,}" + "".join(
+                    f"{fmt(row[k]['cpu_us_per_delivery'], '{:.3f}') + ('*' if row[k]['loss'] else ' '):>12}"
+                    for k in kinds))
     for cal in result.get("calibration") or []:
         print(f"calibration: at {cal['offered_rate']:,} msg/s the reference relay lost {cal['loss']:.2%}, "
               f"p50 {fmt(cal['latency_ms']['p50'])} ms, p99 {fmt(cal['latency_ms']['p99'])} ms, "
               f"driver CPU {cal['driver_cores']:.2f} cores"
               + ("" if cal["passed"] else "  <-- the driver itself is a limit at this rate"))
+    for kind, overload in (result.get("overload") or {}).items():
+        if kind != "project":
+            print(f"overload: {overload['summary']}")
     for t in result.get("targets", []):
         verdict = "n/a" if t["met"] is None else "met" if t["met"] else "NOT MET"
         print(f"  [{verdict}] {t['target']}: {t['measured']}")

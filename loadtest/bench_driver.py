@@ -10,7 +10,8 @@ relay it measures:
 * each read takes everything the kernel has for that socket (up to 256 KiB,
   recv_into one preallocated buffer), and is checked IN BULK with bytes
   methods: C loops, no Python work per delivered message;
-* one latency sample per read, weighted by the read's message count.
+* one latency sample per read, weighted by the read's message count, with
+  its intended send time (so bench.py can show latency over the run).
 
 The wire. Every benchmark message has a fixed length and carries its
 sender's port, a sequence number and its intended send time:
@@ -225,6 +226,7 @@ class Driver:
         received_bytes = 0
         lat_us = array("q")
         lat_w = array("q")
+        lat_sent = array("q")   # each sample's intended send time (us): latency over the run
         # Per sender: next seq to generate; what is generated but not yet written.
         phases = phases or [0.0] * len(senders)
         start = {i: t0_ns + int(phase * interval) for i, phase in zip(senders, phases)}
@@ -315,8 +317,10 @@ class Driver:
                 bad_lines += bad
                 if k:
                     good[i] += k
-                    lat_us.append(t_read_us - int(data[first + 24:first + 39]))
+                    stamp = int(data[first + 24:first + 39])
+                    lat_us.append(t_read_us - stamp)
                     lat_w.append(k)
+                    lat_sent.append(stamp)
                 last_data_ns = t_read
             # 3. The slow reader(s): 1 KiB every 100 ms.
             if slow and time.monotonic() >= slow_next:
@@ -357,6 +361,7 @@ class Driver:
             "received_bytes": received_bytes,
             "lat_us": lat_us.tobytes(),
             "lat_w": lat_w.tobytes(),
+            "lat_sent_us": lat_sent.tobytes(),
             "cpu_s": time.process_time() - cpu0,
             "last_data_ns": last_data_ns,
         }

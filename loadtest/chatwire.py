@@ -22,7 +22,10 @@ The wire, as the load generator uses it
         chat1|<sender>|<seq>|<port>|<sent>|<padding length>|xxxx...
 
     sender   one TCP connection of one simulated user, unique across
-             processes and machines ("<random process tag>.<counter>")
+             processes and machines ("<random process tag>.<counter>"); with
+             several relay nodes (--chat-hosts), "@<node index>" follows: the
+             node the sender is connected to, so receivers can tell that
+             messages cross from node to node
     seq      1, 2, 3, ... per sender (per connection)
     port     the sender's own local port: the receiver checks the relay's
              `PORT:` prefix against it
@@ -35,6 +38,7 @@ The wire, as the load generator uses it
 """
 
 import collections
+import math
 import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -56,7 +60,7 @@ TOKEN_MAGIC = "chat1"
 REORDER_WINDOW = 64
 
 _TOKEN = re.compile(
-    r"chat1\|(?P<sender>[0-9a-z]+\.\d+)\|(?P<seq>\d+)\|(?P<port>\d+)"
+    r"chat1\|(?P<sender>[0-9a-z]+\.\d+(?:@\d+)?)\|(?P<seq>\d+)\|(?P<port>\d+)"
     r"\|(?P<sent>\d+\.\d+)\|(?P<padding>\d+)\|(?P<pad>x*)\Z"
 )
 _FRAME = re.compile(r"(?P<port>\d{1,5}): (?P<message>.*)\Z", re.DOTALL)
@@ -144,6 +148,39 @@ def parse_address(text, default_port=DEFAULT_PORT):
     return host, default_port if port is None else port
 
 
+def parse_hosts(text):
+    """--chat-hosts "HOST:PORT,HOST:PORT,..." -> [(host, port), ...], in order.
+    Each entry is read as parse_address reads --host. Empty -> []; an empty
+    entry (",,") or a bad one raises ValueError naming it."""
+    text = (text or "").strip()
+    if not text:
+        return []
+    addresses = []
+    for entry in text.split(","):
+        if not entry.strip():
+            raise ValueError(f"--chat-hosts has an empty entry: {text!r}")
+        try:
+            addresses.append(parse_address(entry))
+        except ValueError as exc:
+            raise ValueError(f"--chat-hosts entry {entry.strip()!r}: {exc}") from None
+    return addresses
+
+
+def sender_node(sender):
+    """The --chat-hosts index in a sender id ("tag.7@1" -> 1), or None."""
+    _, at, index = sender.partition("@")
+    return int(index) if at else None
+
+
+def route_name(from_node, to_node):
+    return f"{from_node} -> {to_node}"
+
+
+def node_name(address):
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 # --- messages and frames ----------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -227,12 +264,18 @@ class RunTally:
 
     In a distributed run each worker ships what it counted since its last
     report (take_unreported) and the master adds it up (merge): the same
-    delta scheme Locust uses for its own statistics.
+    delta scheme Locust uses for its own statistics. Besides the COUNTERS,
+    `nodes` counts connections opened per relay node (--chat-hosts), so a
+    run shows how its users were spread.
     """
 
     def __init__(self):
         self.counts = collections.Counter()
+        self.nodes = collections.Counter()
+        self.routes = collections.Counter()
         self._unreported = collections.Counter()
+        self._unreported_nodes = collections.Counter()
+        self._unreported_routes = collections.Counter()
 
     def add(self, counter, amount=1):
         if counter not in COUNTERS:
@@ -241,18 +284,41 @@ class RunTally:
             self.counts[counter] += amount
             self._unreported[counter] += amount
 
+    def add_connection(self, node):
+        self.nodes[node] += 1
+        self._unreported_nodes[node] += 1
+
+    def add_route(self, from_node, to_node):
+        """One good delivery from a sender on node `from_node` to a receiver
+        on `to_node` (names, as node_name gives them)."""
+        route = route_name(from_node, to_node)
+        self.routes[route] += 1
+        self._unreported_routes[route] += 1
+
     def take_unreported(self):
-        delta, self._unreported = dict(self._unreported), collections.Counter()
+        delta = dict(self._unreported)
+        if self._unreported_nodes:
+            delta["nodes"] = dict(self._unreported_nodes)
+        if self._unreported_routes:
+            delta["routes"] = dict(self._unreported_routes)
+        self._unreported = collections.Counter()
+        self._unreported_nodes = collections.Counter()
+        self._unreported_routes = collections.Counter()
         return delta
 
     def merge(self, delta):
         for counter, amount in delta.items():
             if counter in COUNTERS:
                 self.counts[counter] += amount
+        for node, amount in delta.get("nodes", {}).items():
+            self.nodes[node] += amount
+        for route, amount in delta.get("routes", {}).items():
+            self.routes[route] += amount
 
     def reset(self):
-        self.counts.clear()
-        self._unreported.clear()
+        for counter in (self.counts, self.nodes, self.routes, self._unreported,
+                        self._unreported_nodes, self._unreported_routes):
+            counter.clear()
 
 
 # --- loss, duplicate and reorder accounting for one receiving connection -----------
@@ -376,10 +442,34 @@ _LABELS = {
 }
 
 
-def summarize(counts, *, p50_ms=None, p99_ms=None, latency_target_ms=0.0, locust_failures=0,
-              missing_final_reports=0):
-    """The end-of-run report. Returns (lines, problems): problems is empty
-    exactly when the run proves the relay delivered everything it should."""
+def loss_percent(lost, expected):
+    """lost/expected as a percentage with enough digits that a small loss
+    never reads as 0: three significant digits (0.200%, 0.00123%, 45.3%),
+    and "0%" only for no loss at all."""
+    if not lost:
+        return "0%"
+    if not expected:
+        return "n/a"
+    percent = 100.0 * lost / expected
+    decimals = max(1, 2 - math.floor(math.log10(percent)))
+    return f"{percent:.{decimals}f}%"
+
+
+def silent_routes(nodes, routes):
+    """With several relay nodes: the pairs of nodes (both with connections)
+    between which not one message was delivered. Each receiver's expectations
+    come from what it sees (first..last seen per sender), so nodes that do not
+    share one room would pass them; this is what catches that."""
+    used = sorted(node for node, connections in (nodes or {}).items() if connections)
+    return [route_name(a, b) for a in used for b in used
+            if a != b and not (routes or {}).get(route_name(a, b))]
+
+
+def judge(counts, *, p99_ms=None, latency_target_ms=0.0, locust_failures=0,
+          missing_final_reports=0, nodes=None, routes=None):
+    """What is wrong with a run: a list of reasons, empty exactly when the run
+    proves the relay delivered everything it should. `nodes` and `routes`
+    (RunTally.nodes/.routes) matter with several relay nodes."""
     problems = []
     for counter in FAULT_COUNTERS:
         if counts.get(counter, 0):
@@ -392,16 +482,59 @@ def summarize(counts, *, p50_ms=None, p99_ms=None, latency_target_ms=0.0, locust
     if missing_final_reports:
         problems.append(f"{missing_final_reports} worker(s) sent no report after their users stopped, "
                         "so the counts are incomplete")
+    silent = silent_routes(nodes, routes) if counts.get("delivered", 0) else []
+    if silent:
+        problems.append(f"no delivery across nodes {', '.join(silent)} (do they share one room?)")
     if locust_failures:
         problems.append(f"{locust_failures} Locust failures in all (see the failure table)")
+    return problems
 
-    width = max(len(label) for label in _LABELS.values())
+
+def verdict(problems):
+    """`PASS` or `FAIL - <reasons>`: the one-line result everywhere it is shown."""
+    return "FAIL - " + "; ".join(problems) if problems else "PASS"
+
+
+def figures(counts, *, p50_ms=None, p99_ms=None, latency_target_ms=0.0, problems=()):
+    """The run's figures in display order, as (label, text): what the web UI's
+    Delivery view, the HTML report and the summary show."""
+    rows = [("verdict", verdict(problems))]
+    for counter in COUNTERS:
+        rows.append((_LABELS[counter], str(counts.get(counter, 0))))
+        if counter == "lost":
+            rows.append(("loss ratio", f"{loss_percent(counts.get('lost', 0), counts.get('expected', 0))} "
+                                       f"({counts.get('lost', 0)} of {counts.get('expected', 0)} expected)"))
+    target = f"{latency_target_ms:g} ms" if latency_target_ms else "off"
+    rows.append(("broadcast p50", "n/a" if p50_ms is None else f"{p50_ms:g} ms"))
+    rows.append(("broadcast p99", ("n/a" if p99_ms is None else f"{p99_ms:g} ms") + f" (target: {target})"))
+    return rows
+
+
+def summarize(counts, *, p50_ms=None, p99_ms=None, latency_target_ms=0.0, locust_failures=0,
+              missing_final_reports=0, nodes=None, routes=None):
+    """The end-of-test report. Returns (lines, problems): problems is empty
+    exactly when the run proves the relay delivered everything it should.
+    `nodes` ({"HOST:PORT": connections}) adds a line when users were spread
+    over more than one relay node."""
+    problems = judge(counts, p99_ms=p99_ms, latency_target_ms=latency_target_ms,
+                     locust_failures=locust_failures, missing_final_reports=missing_final_reports,
+                     nodes=nodes, routes=routes)
+    width = max(len(label) for label in (*_LABELS.values(), "deliveries across nodes"))
     lines = ["Chat delivery check"]
     for counter in COUNTERS:
         lines.append(f"  {_LABELS[counter]:<{width}}  {counts.get(counter, 0)}")
+        if counter == "lost":
+            lines.append(f"  {'loss ratio':<{width}}  {loss_percent(counts.get('lost', 0), counts.get('expected', 0))}")
     latency = "n/a" if p99_ms is None else f"p50 {p50_ms:g} ms, p99 {p99_ms:g} ms"
     target = f"{latency_target_ms:g} ms" if latency_target_ms else "off"
     lines.append(f"  {'broadcast latency':<{width}}  {latency} (p99 target: {target})")
+    if nodes and len(nodes) > 1:
+        lines.append(f"  {'connections by node':<{width}}  "
+                     + ", ".join(f"{node} {count}" for node, count in sorted(nodes.items())))
+        across = {route: n for route, n in (routes or {}).items()
+                  if route.split(" -> ")[0] != route.split(" -> ")[1]}
+        lines.append(f"  {'deliveries across nodes':<{width}}  "
+                     + (", ".join(f"{route} {n}" for route, n in sorted(across.items())) or "none"))
     if problems:
         lines.append("  RESULT: FAIL - " + "; ".join(problems))
     else:

@@ -142,9 +142,10 @@ class Peer:
         return got
 
     def assert_silent(self, settle_with=None):
-        """Assert nothing has arrived. `settle_with` is a (peer, marker) pair: a
-        message relayed through the server after the events under test, so
-        once the marker reaches `peer` the server has processed everything."""
+        """Assert nothing has arrived. `settle_with` is a (peer, sender, marker)
+        triple: `sender` sends `marker` after the events under test, so once
+        the marker has reached `peer` through the server, the server has
+        processed everything before it."""
         if settle_with is not None:
             peer, sender, marker = settle_with
             sender.send(marker)

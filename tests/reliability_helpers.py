@@ -11,7 +11,7 @@ from conftest import LOOPBACK, hang_up, wait_until
 
 # What must never be relayed or shown: C0 controls except TAB (and LF, which
 # only ends a frame), DEL, and the C1 controls U+0080-U+009F.
-FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 FRAME = re.compile(rb"(\d+): ([^\n]*)\n")
 
 

@@ -292,3 +292,82 @@ def test_summary_fails(counts, kwargs, problem):
     lines, problems = chatwire.summarize(counts, **kwargs)
     assert any(problem in text for text in problems)
     assert lines[-1].startswith("  RESULT: FAIL") and problem in lines[-1]
+
+
+# --- --chat-hosts, loss ratio, verdict, figures --------------------------------------------
+
+def test_parse_hosts():
+    assert chatwire.parse_hosts("") == []
+    assert chatwire.parse_hosts("127.0.0.1:5000, localhost:5001,tcp://[::1]:7") == [
+        ("127.0.0.1", 5000), ("localhost", 5001), ("::1", 7)]
+    assert [chatwire.node_name(a) for a in chatwire.parse_hosts("127.0.0.1:5,[::1]:6")] == [
+        "127.0.0.1:5", "[::1]:6"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("127.0.0.1:1,,127.0.0.1:2", "empty entry"),
+    ("127.0.0.1:1,http://x:2", "entry 'http://x:2'"),
+    ("127.0.0.1:99999", "bad port"),
+])
+def test_parse_hosts_rejects(text, message):
+    with pytest.raises(ValueError, match=message):
+        chatwire.parse_hosts(text)
+
+
+@pytest.mark.parametrize("lost, expected, text", [
+    (0, 0, "0%"), (0, 500, "0%"), (1, 500, "0.200%"), (75, 16931, "0.443%"),
+    (1, 81300, "0.00123%"), (1, 2, "50.0%"), (5, 5, "100.0%"), (3, 0, "n/a"),
+])
+def test_loss_percent_never_rounds_a_loss_to_zero(lost, expected, text):
+    assert chatwire.loss_percent(lost, expected) == text
+
+
+def test_verdict_and_figures():
+    counts = {"sent": 10, "expected": 500, "delivered": 499, "lost": 1}
+    problems = chatwire.judge(counts, p99_ms=9)
+    assert chatwire.verdict(problems) == "FAIL - 1 lost"
+    assert chatwire.verdict([]) == "PASS"
+    rows = dict(chatwire.figures(counts, p50_ms=2, p99_ms=9, latency_target_ms=50, problems=problems))
+    assert rows["verdict"] == "FAIL - 1 lost"
+    assert rows["loss ratio"] == "0.200% (1 of 500 expected)"
+    assert rows["lost"] == "1" and rows["expected deliveries"] == "500"
+    assert rows["broadcast p99"] == "9 ms (target: 50 ms)"
+    nodes = {"127.0.0.1:1": 3, "localhost:1": 2}
+    routes = {"127.0.0.1:1 -> localhost:1": 7, "localhost:1 -> 127.0.0.1:1": 5, "localhost:1 -> localhost:1": 1}
+    lines, _ = chatwire.summarize(counts, p50_ms=2, p99_ms=9, nodes=nodes, routes=routes)
+    assert "  loss ratio               0.200%" in lines
+    assert "  connections by node      127.0.0.1:1 3, localhost:1 2" in lines
+    assert "  deliveries across nodes  127.0.0.1:1 -> localhost:1 7, localhost:1 -> 127.0.0.1:1 5" in lines
+
+
+def test_nodes_that_do_not_share_a_room_fail():
+    # Each receiver only hears its own node: every per-sender expectation is
+    # met, but nothing crossed from node to node.
+    counts = {"sent": 10, "expected": 40, "delivered": 40}
+    nodes = {"a:1": 2, "b:1": 2}
+    routes = {"a:1 -> a:1": 20, "b:1 -> b:1": 20}
+    problems = chatwire.judge(counts, nodes=nodes, routes=routes)
+    assert problems == ["no delivery across nodes a:1 -> b:1, b:1 -> a:1 (do they share one room?)"]
+    routes.update({"a:1 -> b:1": 1})
+    assert chatwire.judge(counts, nodes=nodes, routes=routes) == [
+        "no delivery across nodes b:1 -> a:1 (do they share one room?)"]
+    routes.update({"b:1 -> a:1": 1})
+    assert chatwire.judge(counts, nodes=nodes, routes=routes) == []
+    assert chatwire.sender_node("ab12cd34.7@1") == 1 and chatwire.sender_node("ab12cd34.7") is None
+    assert chatwire.parse_message(chatwire.format_message("ab12cd34.7@1", 1, 5, 0.5, 60)).sender == "ab12cd34.7@1"
+
+
+def test_tally_counts_connections_and_routes_per_node():
+    worker, master = RunTally(), RunTally()
+    worker.add_connection("a:1")
+    worker.add_connection("b:1")
+    worker.add_route("a:1", "b:1")
+    master.merge(worker.take_unreported())
+    worker.add_connection("a:1")
+    worker.add_route("a:1", "b:1")
+    master.merge(worker.take_unreported())
+    assert master.nodes == {"a:1": 2, "b:1": 1}
+    assert master.routes == {"a:1 -> b:1": 2}
+    assert worker.take_unreported() == {}
+    master.reset()
+    assert not master.nodes and not master.counts

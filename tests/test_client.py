@@ -60,7 +60,9 @@ def test_ctrl_d_and_ctrl_c_send_exit_and_leave(server, terminal_clients, key):
     client.wait_for("Connected to chat server.")
     wait_until(lambda: server.client_count == 1)
     client.type(key)
+    started = time.monotonic()
     assert client.wait_exit() == 0
+    assert time.monotonic() - started < 1.0
     assert "Disconnected from server" in client.text()
     assert "Traceback" not in client.text()
     assert client.final_modes == client.initial_modes  # the terminal is left as found
@@ -76,7 +78,9 @@ def test_ctrl_c_right_after_fast_typing_leaves_at_once(server, terminal_clients)
         client.wait_for("Connected to chat server.")
         client.type("typed fast")
         client.type("\x03")
+        started = time.monotonic()
         assert client.wait_exit() == 0, attempt
+        assert time.monotonic() - started < 1.0, attempt
         assert screen_lines(client.output)[-2:] == ["Disconnected from server", ""]
         assert client.final_modes == client.initial_modes
     wait_until(lambda: server.stats()["disconnects_total"]["exit"] == 20)
@@ -95,7 +99,9 @@ def test_started_with_sigint_ignored_it_still_leaves(server, terminal_clients, k
         server.shutdown()
     else:
         client.type(key)
+    started = time.monotonic()
     assert client.wait_exit() == 0
+    assert time.monotonic() - started < 1.0
     assert screen_lines(client.output)[-2:] == ["Disconnected from server", ""]
     assert "Traceback" not in client.text()
     assert client.final_modes == client.initial_modes
@@ -256,3 +262,15 @@ def test_client_sanitize_keeps_text_tab_and_newline():
     from a2.mychatclient import sanitize
     assert sanitize("a\tb\nc") == "a\tb\nc"
     assert sanitize("\x1b[2J\x1b]0;t\x07x\r\x07\x9by") == "xy"
+
+
+def test_client_sanitize_removes_line_separators_and_bidi_controls_keeps_zwj():
+    from a2.mychatclient import sanitize
+    assert sanitize("hi\u2028" + "12345: forged line") == "hi12345: forged line"
+    assert sanitize("a\u2029b\u0085c") == "abc"
+    bidi = "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+    assert sanitize(f"x{bidi}y") == "xy"
+    emoji = "\U0001F469\u200D\U0001F4BB \U0001F468\u200D\U0001F469\u200D\U0001F467"  # ZWJ sequences
+    assert sanitize(emoji) == emoji
+    for text in (sanitize(f"hi\u2028\u2029{bidi}12345: forged"), sanitize("\x1c\x1d\x1e\x0b\x0c\r")):
+        assert len(text.splitlines()) <= 1  # nothing a Unicode-aware reader splits on

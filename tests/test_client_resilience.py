@@ -5,8 +5,10 @@ person uses it) or with piped stdin (as a script does)."""
 
 import contextlib
 import os
+import platform
 import random
 import re
+import signal
 import socket
 import threading
 import time
@@ -15,7 +17,7 @@ import pytest
 
 from client_drivers import screen_lines
 from conftest import LOOPBACK, Peer, reset, wait_until
-from reliability_helpers import FORBIDDEN, ScriptedServer
+from reliability_helpers import FORBIDDEN, ScriptedServer, tcp_queues
 from test_properties import SPECIAL_TOKENS
 
 CONNECTED = "Connected to chat server. Type 'exit' to leave."
@@ -220,6 +222,38 @@ def test_an_unterminated_escape_string_does_not_hide_the_next_lines(piped_client
         assert "51001: a real message" in client.output().decode().split("\n")
 
 
+def test_unicode_line_separators_cannot_forge_a_line(piped_clients):
+    # A server (a classmate's, relaying raw) passes on U+2028 from a hostile
+    # client, then text that looks like someone else's message, in one read.
+    # Our output must not show it as a line of its own to a reader that
+    # splits lines the Unicode way (str.splitlines()); nor may bidi controls
+    # reorder what is shown. Emoji joined with ZWJ survive.
+    emoji = "\U0001F469\u200D\U0001F4BB \U0001F468\u200D\U0001F469\u200D\U0001F467"
+    stream = ("51000: hi\u2028" "12345: forged line\n"
+              "51000: \u2029" "12345: forged too\n"
+              "51001: \u202egnp.exe\u202c \u2066x\u2069\u200e\u200f\u061c\n"
+              f"51002: {emoji}\n")
+
+    def script(conn):
+        conn.sendall(stream.encode())
+        conn.close()
+
+    with ScriptedServer(script, hold=True) as server:
+        client = piped_clients(server.address)
+        client.wait_for(CONNECTED)
+        server.release()
+        assert client.wait_exit(timeout=5) == 0
+        out = client.output()
+        assert out == (f"{CONNECTED}\n"
+                       "51000: hi12345: forged line\n"
+                       "51000: 12345: forged too\n"
+                       "51001: gnp.exe x\n"
+                       f"51002: {emoji}\n"
+                       f"{DISCONNECTED}\n").encode()
+        assert out.decode().splitlines() == out.decode().split("\n")[:-1]
+        assert client.err == b""
+
+
 # --- the server floods -------------------------------------------------------------------
 
 def test_a_flood_of_lines_is_shown_whole_and_the_client_exits(piped_clients):
@@ -322,3 +356,163 @@ def test_ctrl_c_while_connecting_ends_the_client_at_once(terminal_clients):
         assert time.monotonic() - started < 1.0
         assert "Traceback" not in client.text()
         assert CONNECTED not in client.text()
+
+
+# --- the server stops reading ---------------------------------------------------------
+
+# System calls a thread waits in, as /proc/<pid>/task/<tid>/syscall shows them.
+SENDTO, FUTEX = {"x86_64": (44, 202), "aarch64": (206, 98)}.get(platform.machine(), (None, None))
+LONG_LINE = "x" * 1000  # one write of 1001 bytes: the client's pacing allows 20 a second
+needs_sendto = pytest.mark.skipif(SENDTO is None, reason="sendto's number on this machine is not known")
+
+
+@contextlib.contextmanager
+def server_that_never_reads():
+    """A server that accepts and never reads. Its receive buffer and segment
+    size are small (set on the listener, inherited by what it accepts), so
+    the kernel buffers between it and the client fill after some 20 KiB, not
+    megabytes: a few seconds of the client's paced writes."""
+    with ScriptedServer(lambda conn: None) as server:  # the connection stays open, unread
+        server.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+        server.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 256)
+        yield server
+
+
+def waiting_in(pid, tid):
+    """The system call thread `tid` of process `pid` waits in, as
+    [number, arguments...]; [] if it is running or has ended."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/syscall") as state:
+            call = state.read().split()
+    except OSError:  # the thread has ended
+        return []
+    return [int(field, 0) for field in call[:7]] if call and call[0] != "running" else []
+
+
+def blocked_in_send(pid):
+    """Whether a thread of process `pid` waits in send(): its socket's
+    buffer is full (a send that does not wait is never seen sleeping)."""
+    return any(waiting_in(pid, tid)[:1] == [SENDTO] for tid in os.listdir(f"/proc/{pid}/task"))
+
+
+def waiting_on_a_lock(pid, tid):
+    """Whether the thread waits in futex() without a timeout: a lock or
+    condition, not the GIL (whose waits are timed)."""
+    call = waiting_in(pid, tid)
+    return call[:1] == [FUTEX] and call[4] == 0
+
+
+def bytes_sent(server):
+    """What the client has put into the kernel: not yet acknowledged on its
+    side plus received, unread, on the server's."""
+    (conn,) = server.connections
+    server_port, client_port = conn.getsockname()[1], conn.getpeername()[1]
+    return tcp_queues(client_port, server_port)[0] + tcp_queues(server_port, client_port)[1]
+
+
+def flood_until_blocked(client, server, type_line):
+    """Type LONG_LINEs, at most three ahead of what the client has sent (a
+    terminal's input queue holds 4 KiB: a client that stops reading the
+    keyboard must not block the typist), until the client waits in send()."""
+    wait_until(lambda: server.connections, message="the client to connect")
+    pid, size = client.proc.pid, len(LONG_LINE) + 1
+    for typed in range(500):
+        if blocked_in_send(pid):
+            print(f"blocked in send() after {typed} lines typed, {bytes_sent(server)} bytes sent")
+            return
+        type_line(LONG_LINE)
+        wait_until(lambda: blocked_in_send(pid) or bytes_sent(server) >= (typed - 2) * size,
+                   timeout=10, message="the client to send, or to wait in send()")
+    raise AssertionError("the client never filled its socket")
+
+
+@needs_sendto
+@pytest.mark.parametrize("key", ["\x03", "\x04", "exit\r"], ids=["ctrl-c", "ctrl-d", "exit"])
+def test_leaves_at_once_while_blocked_sending_terminal(terminal_clients, key):
+    # A person pastes a lot; the server has stopped reading. Ctrl-C, Ctrl-D
+    # and `exit` still end the client: Ctrl-C within a second, the others
+    # once a write has waited STALL_LIMIT (0.5 s): what was not sent is dropped.
+    with server_that_never_reads() as server:
+        client = terminal_clients(server.address)
+        client.wait_for(CONNECTED)
+        flood_until_blocked(client, server, lambda line: client.type(line + "\r"))
+        if key == "\x03":
+            os.write(client.master, b"\x03")  # pressed whatever the client is doing
+        else:
+            client.type(key)  # the client still reads the keyboard: the sender waits, not it
+        started = time.monotonic()
+        assert client.wait_exit(timeout=5) == 0
+        assert time.monotonic() - started < 1.0
+        assert screen_lines(client.output)[-2:] == [DISCONNECTED, ""]
+        assert "Traceback" not in client.text()
+        assert client.final_modes == client.initial_modes
+
+
+@needs_sendto
+@pytest.mark.parametrize("how", ["sigint", "end of input"])
+def test_leaves_at_once_while_blocked_sending_piped(piped_clients, how):
+    with server_that_never_reads() as server:
+        client = piped_clients(server.address)
+        client.wait_for(CONNECTED)
+        flood_until_blocked(client, server, lambda line: client.type(line + "\n"))
+        if how == "sigint":
+            client.proc.send_signal(signal.SIGINT)  # Ctrl-C, for a script: stdin stays open
+        else:
+            client.proc.stdin.close()
+        started = time.monotonic()
+        assert client.wait_exit(timeout=5) == 0
+        assert time.monotonic() - started < 1.0
+        assert client.output() == f"{CONNECTED}\n{DISCONNECTED}\n".encode()
+        assert client.err == b""
+
+
+@needs_sendto
+def test_ctrl_c_while_input_waits_for_the_sender(piped_clients):
+    # Piped input far ahead of a blocked sender: the queue is full (200
+    # writes) and the main thread waits for room in it, not in a read.
+    with server_that_never_reads() as server:
+        client = piped_clients(server.address)
+        client.wait_for(CONNECTED)
+        flood_until_blocked(client, server, lambda line: client.type(line + "\n"))
+        client.type("z\n" * 300)
+        wait_until(lambda: waiting_on_a_lock(client.proc.pid, client.proc.pid),
+                   message="the client's main thread to wait for room in the queue")
+        client.proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert client.wait_exit(timeout=5) == 0
+        assert time.monotonic() - started < 1.0
+        assert client.output() == f"{CONNECTED}\n{DISCONNECTED}\n".encode()
+        assert client.err == b""
+
+
+def test_ctrl_c_while_leaving_ends_the_client_at_once(piped_clients):
+    # Input ended with writes still queued: leaving sends them first, paced,
+    # as long as the server reads. Ctrl-C then drops the rest: the write
+    # under way finishes, a bare "exit" follows, and the client is gone
+    # within a second.
+    lines = [f"line {i} " + "y" * 900 for i in range(100)]  # 5 s of paced writes
+    received = bytearray()
+    closed = threading.Event()
+
+    def read_everything(conn):
+        while chunk := conn.recv(65536):
+            received.extend(chunk)
+        closed.set()
+
+    with ScriptedServer(read_everything) as server:
+        client = piped_clients(server.address)
+        client.wait_for(CONNECTED)
+        client.type("".join(line + "\n" for line in lines))
+        client.proc.stdin.close()
+        wait_until(lambda: received.count(b"\n") >= 5, message="five lines sent")
+        client.proc.send_signal(signal.SIGINT)
+        started = time.monotonic()
+        assert client.wait_exit(timeout=5) == 0
+        assert time.monotonic() - started < 1.0
+        assert client.output() == f"{CONNECTED}\n{DISCONNECTED}\n".encode()
+        assert client.err == b""
+        wait_until(closed.is_set, message="the client's connection closed")
+        sent = bytes(received).split(b"\n")
+        assert sent[-1] == b"exit"  # alone, after whole lines
+        assert 5 <= len(sent) - 1 < len(lines)
+        assert [line.decode() for line in sent[:-1]] == lines[:len(sent) - 1]

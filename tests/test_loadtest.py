@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -83,12 +84,12 @@ class LocustRun:
         return f"<LocustRun exit {self.returncode}>\n{self.output[-6000:]}"
 
 
-def run_locust(address, tmp_path, *extra, users=USERS, run_time="3s", timeout=40):
+def run_locust(address, tmp_path, *extra, users=USERS, rate=None, run_time="3s", timeout=40):
     """Run the load test headless against `address`; always reap the whole
     process group (--processes forks workers), even if the test fails."""
     csv_prefix = tmp_path / "run"
     command = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
-               "-u", str(users), "-r", str(users), "-t", run_time,
+               "-u", str(users), "-r", str(rate or users), "-t", run_time,
                "--host", f"tcp://{address[0]}:{address[1]}", "--csv", str(csv_prefix),
                "--only-summary", "--web-host", LOOPBACK, *TRAFFIC, *extra]
     log_path = tmp_path / "locust.log"
@@ -199,3 +200,84 @@ def test_two_processes_report_losses_to_the_master(tmp_path):
     assert run.returncode == 1, run
     assert run.failure_names == {"lost message"}, run
     assert run.summary()["lost"] == run.requests("lost message")[1] > 0, run
+
+
+def test_chat_hosts_spreads_users_over_the_nodes(server_process, tmp_path):
+    # Two entries for the same relay (a real multi-node test needs the
+    # cluster's shared room): the users are spread round-robin over both
+    # entries, and every delivery is still checked, across them.
+    server = server_process("--quiet")
+    port = server.address[1]
+    nodes = [f"127.0.0.1:{port}", f"localhost:{port}"]
+    run = run_locust(server.address, tmp_path, "--chat-hosts", ",".join(nodes))
+    assert_clean(run)
+    line = re.search(r"^  connections by node\s+(.*)$", run.output, re.MULTILINE)
+    assert line, run
+    counts = dict((node, int(n)) for node, n in re.findall(r"(\S+) (\d+)", line[1]))
+    assert sorted(counts) == sorted(nodes), run
+    # Each user keeps its node; 20 users alternate, so the first connections
+    # split evenly and churn reconnects add to both.
+    assert min(counts.values()) >= USERS // 2, run
+    assert sum(counts.values()) == run.requests("connect")[0], run
+    # Messages crossed between the two entries, both ways.
+    across = re.search(r"^  deliveries across nodes\s+(.*)$", run.output, re.MULTILINE)
+    routes = dict((route, int(n)) for route, n in re.findall(r"(\S+ -> \S+) (\d+)", across[1]))
+    assert sorted(routes) == [f"{nodes[0]} -> {nodes[1]}", f"{nodes[1]} -> {nodes[0]}"], run
+    assert min(routes.values()) > 0, run
+
+
+def test_chat_hosts_fails_nodes_that_do_not_share_one_room(server_process, tmp_path):
+    # Two relays that are not connected to each other: every receiver hears
+    # only its own node, so each sender's sequence looks whole - and the run
+    # must still fail, because nothing crossed from node to node.
+    first, second = server_process("--quiet"), server_process("--quiet")
+    nodes = [f"{LOOPBACK}:{first.address[1]}", f"{LOOPBACK}:{second.address[1]}"]
+    run = run_locust(first.address, tmp_path, "--chat-hosts", ",".join(nodes), run_time="2s")
+    assert run.returncode == 1, run
+    assert run.failures == [], run  # no delivery fault: each room on its own is fine
+    a, b = sorted(nodes)
+    assert (f"RESULT: FAIL - no delivery across nodes {a} -> {b}, {b} -> {a} "
+            "(do they share one room?)") in run.output, run
+
+
+def test_bad_chat_hosts_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless",
+                           "-u", "1", "-t", "1s", "--chat-hosts", "127.0.0.1:1,,127.0.0.1:2"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert proc.returncode == 2, proc
+    assert "--chat-hosts has an empty entry" in proc.stderr, proc
+    assert "Traceback" not in proc.stderr, proc
+
+
+def test_reset_stats_option_resets_the_tally_with_locusts_table(server_process, tmp_path):
+    # --reset-stats: Locust resets its table once all users are running (here
+    # after a 2 s ramp, with deliveries already counted); the tally follows,
+    # so the summary still equals the broadcast and send rows exactly.
+    server = server_process("--quiet")
+    run = run_locust(server.address, tmp_path, "--reset-stats", rate=USERS // 2, run_time="4s")
+    assert "Resetting stats" in run.output, run
+    assert_clean(run)
+
+
+def test_run_time_counts_from_the_start_even_after_a_slow_startup(server_process, tmp_path):
+    # On a loaded machine startup can block for seconds; gevent's loop clock
+    # stands still meanwhile, and Locust's -t timer (spawn_later) would fire
+    # at once. A locustfile that imports chatusers and then blocks 2 s
+    # stands in for that startup.
+    slow = tmp_path / "slow_locustfile.py"
+    slow.write_text(f"import sys, time\nsys.path.insert(0, {str(LOCUSTFILE.parent)!r})\n"
+                    "from chatusers import *  # noqa\n"
+                    "started = time.perf_counter()\n"
+                    "while time.perf_counter() - started < 2:\n    pass\n")
+    server = server_process("--quiet")
+    proc = subprocess.run([sys.executable, "-m", "locust", "-f", str(slow), "--headless", "-u", "5",
+                           "-r", "5", "-t", "2s", "--host", f"tcp://{LOOPBACK}:{server.address[1]}",
+                           "--only-summary"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, timeout=40)
+    stamps = [re.match(r"\[(\S+ \S+),(\d+)\]", line) for line in proc.stdout.splitlines()
+              if "Run time limit set" in line or "--run-time limit reached" in line]
+    assert len(stamps) == 2, proc.stdout
+    armed, reached = (time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000
+                      for m in stamps)
+    assert reached - armed >= 1.9, proc.stdout
+    assert proc.returncode == 0 and "RESULT: PASS" in proc.stdout, proc.stdout

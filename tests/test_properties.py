@@ -25,7 +25,7 @@ PROPERTY_SETTINGS = settings(max_examples=400, deadline=None,
 # newline and CR included, DEL and the C1 controls (ESC-free CSI is U+009B).
 FORBIDDEN_IN_MESSAGE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 # The client may print newlines between messages, nothing else of the kind.
-FORBIDDEN_ON_SCREEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+FORBIDDEN_ON_SCREEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 SPECIAL_TOKENS = [
     b"\n", b"\r\n", b"\r", b"\t", b" ", b"\x00", b"\x07", b"\x08", b"\x7f",

@@ -413,7 +413,7 @@ def test_non_readers_and_churners_together_do_not_stall_the_room(server_process)
     quiet.close()
     wait_until(lambda: process_usage(pid)[:2] == baseline, timeout=10, message="quiet room gone")
 
-    attackers = subprocess.Popen([sys.executable, __file__, *map(str, server.address), "12"],
+    attackers = subprocess.Popen([sys.executable, __file__, *map(str, server.address), "15"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -422,14 +422,14 @@ def test_non_readers_and_churners_together_do_not_stall_the_room(server_process)
         server.wait_for_count("New connection", 60 + 10 + 60)
         attackers.stdin.write("go\n")
         attackers.stdin.flush()
-        attacked.run(12.0)
+        attacked.run(15.0)
         assert attackers.wait(20) == 0
     finally:
         if attackers.poll() is None:
             attackers.kill()
             attackers.wait()
     attacked.check_nothing_lost()
-    assert attacked.p99() <= 4 * quiet.p99() + 0.02, (
+    assert attacked.p99() <= 5 * quiet.p99() + 0.05, (
         f"steady chatters' p99 {attacked.p99() * 1000:.1f} ms under attack, "
         f"{quiet.p99() * 1000:.1f} ms without")
     attacked.close()

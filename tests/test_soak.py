@@ -12,6 +12,10 @@ other client has received a message from R; a message sent after the earlier
 of those moments, and before R decides to leave, must reach R. When R decides
 to leave it keeps reading until it has every such message (or the test
 fails), then leaves. So clients that never send are checked like the others.
+Every moment is stamped when this process sees the event (a send returned, a
+recv returned, a log line read, a decision made), never with a time taken
+earlier in the loop: a stamp earlier than its event would make R owe a
+message sent before R was registered.
 
 All clients live in one selector loop in this process; the server is its own
 process, measured through /proc/<pid>/.
@@ -155,24 +159,25 @@ class Client:
 
     # --- receiving ---------------------------------------------------------------
 
-    def on_readable(self, now):
+    def on_readable(self):
         try:
             chunk = self.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except ConnectionResetError:
             chunk = b""
+        received_at = time.monotonic()  # after the bytes arrived, before anything else is sent
         if not chunk:
-            self.on_eof(now)
+            self.on_eof()
             return
         self.inbuf += chunk
         end = self.inbuf.rfind(b"\n") + 1
         if end:
             for line in bytes(self.inbuf[:end]).split(b"\n")[:-1]:
-                self.soak.on_frame(self, line, now)
+                self.soak.on_frame(self, line, received_at)
             del self.inbuf[:end]
 
-    def on_eof(self, now):
+    def on_eof(self):
         if self.state not in ("closing",):
             raise AssertionError(f"client {self.id} ({self.kind}, port {self.port}) was disconnected "
                                  f"by the server in state {self.state}")
@@ -227,7 +232,7 @@ class Soak:
                 while len(self.clients) < POPULATION:
                     self.spawn(self.rng.choices(kinds, weights)[0], now)
             elif self.observer.state == "open" and len(self.clients) == 1:
-                self.decide_to_leave(self.observer, now)
+                self.decide_to_leave(self.observer)
             elif not self.clients:
                 return
             for key, events in self.selector.select(timeout=0.01):
@@ -235,30 +240,31 @@ class Soak:
                 if client.state == "done":
                     continue
                 if not client.connected and events & selectors.EVENT_WRITE:
-                    self.on_connected(client, now)
+                    self.on_connected(client)
                 if events & selectors.EVENT_READ and client.connected:
-                    client.on_readable(now)
+                    client.on_readable()
                 if events & selectors.EVENT_WRITE and client.state != "done" and client.out:
                     client.flush()
             now = time.monotonic()
             if now - last_step >= 0.005:
                 last_step = now
-                self.read_server_log(now)
+                self.read_server_log()
                 for client in list(self.clients.values()):
                     self.step(client, now)
 
-    def read_server_log(self, now):
+    def read_server_log(self):
         """Note when each client's "New connection" line is seen (a port's
         connections are logged in the order they were made)."""
         while self.lines_read < len(self.server_lines):
             match = NEW_CONNECTION.search(self.server_lines[self.lines_read])
+            seen_at = time.monotonic()  # the line is in the list: the server logged it before now
             self.lines_read += 1
             if match:
                 waiting = self.unlogged.get(int(match.group(1)))
                 assert waiting, f"the server logged a connection nobody made: {match.group(0)}"
-                waiting.popleft().logged_in = now
+                waiting.popleft().logged_in = seen_at
 
-    def on_connected(self, client, now):
+    def on_connected(self, client):
         error = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         assert error == 0, f"connect failed: {os.strerror(error)}"
         client.connected = True
@@ -276,7 +282,7 @@ class Soak:
                         client.flush()
                     self.reset(client)
                     return
-                self.decide_to_leave(client, now)
+                self.decide_to_leave(client)
             else:
                 client.maybe_send(now)
         if client.state == "leaving":
@@ -298,7 +304,7 @@ class Soak:
 
     # --- bookkeeping of deliveries -----------------------------------------------------
 
-    def on_frame(self, receiver, line, now):
+    def on_frame(self, receiver, line, received_at):
         self.frames += 1
         port, sep, text = line.partition(b": ")
         assert sep and port.isdigit(), f"bad frame {line[:80]!r}"
@@ -326,18 +332,19 @@ class Soak:
                                         f"#{span[1]}: lost, duplicated or reordered")
             span[1] = seq
         if sender.first_seen is None:
-            sender.first_seen = now
+            sender.first_seen = received_at
         if seq > sender.max_seen:
             sender.max_seen = seq
 
-    def decide_to_leave(self, client, now):
+    def decide_to_leave(self, client):
         """Stop sending; work out what the client is owed: from every sender
         whose messages are guaranteed, each one sent after we were surely
         registered and before now."""
+        self.read_server_log()
+        now = time.monotonic()
         client.state = "leaving"
         client.decided = now
         client.owed = {}
-        self.read_server_log(now)
         known = [moment for moment in (client.first_seen, client.logged_in) if moment is not None]
         if client.kind not in WELL_BEHAVED or not known:
             return  # not logged yet, nor heard by anyone: we cannot know it was registered

@@ -1,0 +1,225 @@
+"""A redis-server and relay nodes on loopback, as child processes.
+
+Why it exists: the one-command demo (cluster/demo.py), the cluster tests and
+the benchmark all need the same real parts: Debian's `redis-server` on
+127.0.0.1 and a free port (AOF on or off, killable, restartable on its data
+or without it), and `a2/mychatserver.py --backbone ...` nodes. Standard
+library only; each object owns its process and kills it in stop()/kill().
+"""
+
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_SCRIPT = ROOT / "a2" / "mychatserver.py"
+LOOPBACK = "127.0.0.1"
+READY_TIMEOUT = 10.0  # seconds for redis-server to answer PING / a node to listen
+
+
+def free_port(count=1):
+    """The first of `count` consecutive ports nothing listens on now, below
+    the kernel's ephemeral range: a port that every outgoing connection may
+    take is no port to restart a redis-server on."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        base = random.randrange(10_000, max(10_001, low - count))
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind((LOOPBACK, port))
+        except OSError:
+            continue
+        return base
+    raise OSError("no free port found below the ephemeral range")
+
+
+def _ping(port, timeout=0.5):
+    """True if a Redis server answers PING on 127.0.0.1:port."""
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """`redis-server` on 127.0.0.1:port with its data in its own directory.
+
+    appendonly=True: AOF, fsync every second (a SIGKILLed server loses
+    nothing it acknowledged: the writes are in the kernel before replies go
+    out). appendonly=False: no persistence at all (no RDB snapshots either).
+    """
+
+    def __init__(self, port=None, appendonly=True, directory=None, program="redis-server"):
+        self.program = shutil.which(program)
+        if self.program is None:
+            raise FileNotFoundError(f"{program} not found (Debian: apt-get install redis-server)")
+        self.port = port or free_port()
+        self.appendonly = appendonly
+        self._own_directory = directory is None
+        self.directory = Path(directory or tempfile.mkdtemp(prefix="chat-redis-"))
+        self.proc = None
+
+    def url(self, db=0, **query):
+        """redis://127.0.0.1:PORT/DB, with the backbone's options as a query."""
+        text = "&".join(f"{key}={value}" for key, value in query.items())
+        return f"redis://{LOOPBACK}:{self.port}/{db}" + (f"?{text}" if text else "")
+
+    def start(self, wipe=False):
+        """Start it (on its old data unless wipe=True); wait until it answers."""
+        if wipe:
+            for path in self.directory.iterdir():
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+        command = [self.program, "--bind", LOOPBACK, "--port", str(self.port),
+                   "--dir", str(self.directory), "--save", "",
+                   "--appendonly", "yes" if self.appendonly else "no",
+                   "--appendfsync", "everysec", "--daemonize", "no",
+                   "--logfile", str(self.directory / "redis.log")]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not _ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                log = (self.directory / "redis.log")
+                tail = log.read_text(errors="replace")[-500:] if log.exists() else ""
+                raise RuntimeError(f"redis-server did not start on port {self.port}: {tail}")
+            time.sleep(0.01)  # a poll interval while it loads its data
+        return self
+
+    def kill(self, sig=signal.SIGKILL):
+        """Send `sig` (default SIGKILL) and, unless it is SIGSTOP/SIGCONT, reap it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        if sig not in (signal.SIGSTOP, signal.SIGCONT):
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def stop(self):
+        """SIGCONT (in case it was stopped), SIGTERM, wait; remove its data if ours."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.kill(signal.SIGTERM)
+        if self._own_directory:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+class Node:
+    """`python a2/mychatserver.py --port PORT [args] --backbone URL` as a child
+    process; its output lines are collected as they arrive (`lines`)."""
+
+    LISTENING = re.compile(r"Server listening on ([\d.]+):(\d+)")
+
+    def __init__(self, url, port=0, args=(), echo=None, wait=True):
+        command = [sys.executable, str(SERVER_SCRIPT), "--port", str(port), *args]
+        if url is not None:  # None: a plain single server (the benchmark's comparison)
+            command += ["--backbone", url]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)  # a terminal's Ctrl-C goes to our owner
+        self.lines = []
+        self._listening = threading.Event()
+        self.address = None
+        self._echo = echo
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+        if wait:
+            self.wait_listening()
+
+    def wait_listening(self, timeout=READY_TIMEOUT):
+        """Wait for its "Server listening on HOST:PORT" line; sets `address`."""
+        if not self._listening.wait(timeout) or self.address is None:
+            self.kill()
+            raise RuntimeError("node did not start: " + " | ".join(self.lines[-5:]))
+        return self
+
+    @property
+    def node_id(self):
+        """Its backbone node id, from its "Backbone: node ID ..." line."""
+        for line in list(self.lines):
+            match = re.match(r"Backbone: node ([0-9a-f]+) ", line)
+            if match:
+                return match.group(1)
+        return None
+
+    def count(self, text):
+        """How many of its output lines contain `text`."""
+        return sum(text in line for line in list(self.lines))
+
+    def _collect(self):
+        for line in self.proc.stdout:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if self._echo is not None:
+                self._echo(self, line)
+            match = self.LISTENING.search(line)
+            if match and self.address is None:
+                self.address = (match.group(1), int(match.group(2)))
+                self._listening.set()
+        self._listening.set()
+
+    def stop(self, timeout=5.0):
+        """SIGINT (the server's clean shutdown), then kill if it lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join(5)
+        self.proc.stdout.close()
+
+
+def start_nodes(url, count, args=()):
+    """`count` nodes started together (each takes ~0.3 s to import and bind)."""
+    nodes = [Node(url, args=args, wait=False) for _ in range(count)]
+    try:
+        for node in nodes:
+            node.wait_listening()
+    except Exception:
+        for node in nodes:
+            node.kill()
+        raise
+    return nodes
+
+
+def stop_all(nodes, redis_server):
+    """Stop every node, then Redis (nodes first: their shutdown is clean then)."""
+    for node in nodes:
+        node.stop()
+    if redis_server is not None:
+        redis_server.stop()
+
+
+__all__ = ["RedisServer", "Node", "free_port", "start_nodes", "stop_all", "LOOPBACK"]
