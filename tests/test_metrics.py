@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,11 +30,13 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from a2.mychatserver import DISCONNECT_REASONS, LATENCY_BUCKETS, frame
+from a2.mychatserver import DISCONNECT_REASONS, LATENCY_BUCKETS, VERSION, frame
 from conftest import SERVER_SCRIPT, Peer, running_server, wait_until
-from metrics.exporter import METRIC_NAMES, ChatCollector, start_metrics_server
+from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, ChatCollector, start_metrics_server
 
 METRICS_LINE = re.compile(r"^Metrics on http://([\d.]+):(\d+)/metrics$")
+# The contract's accept() failure reasons (core-v2-contract.md), every one exposed from the start.
+ACCEPT_ERROR_REASONS = ("emfile", "enfile", "enobufs", "enomem", "other")
 
 
 # --- helpers ------------------------------------------------------------------
@@ -62,7 +65,8 @@ def chat_values(text):
 
 
 def expected_values(*, connections, clients, max_clients, received, relayed, received_bytes,
-                    sent_bytes, backlog=0, **disconnects):
+                    sent_bytes, backlog=0, max_backlog=0, accept_errors=None, flow_pauses=0,
+                    flow_pause_seconds=0.0, log_dropped=0, version=VERSION, **disconnects):
     values = {
         "chat_connections_total": connections,
         "chat_clients": clients,
@@ -72,10 +76,17 @@ def expected_values(*, connections, clients, max_clients, received, relayed, rec
         "chat_received_bytes_total": received_bytes,
         "chat_sent_bytes_total": sent_bytes,
         "chat_outbound_backlog_bytes": backlog,
+        f'chat_build_info{{version="{version}"}}': 1,
+        "chat_max_client_backlog_bytes": max_backlog,
+        "chat_flow_control_pauses_total": flow_pauses,
+        "chat_flow_control_pause_seconds_total": flow_pause_seconds,
+        "chat_log_lines_dropped_total": log_dropped,
     }
     assert set(disconnects) <= set(DISCONNECT_REASONS), disconnects
     for reason in DISCONNECT_REASONS:
         values[f'chat_disconnects_total{{reason="{reason}"}}'] = disconnects.get(reason, 0)
+    for reason in ACCEPT_ERROR_REASONS:
+        values[f'chat_accept_errors_total{{reason="{reason}"}}'] = (accept_errors or {}).get(reason, 0)
     return {key: float(value) for key, value in values.items()}
 
 
@@ -165,13 +176,19 @@ def test_fresh_server_exposes_every_family_at_zero(metered):
     assert [name for name in found if name.startswith("chat_")] == [
         "chat_connections", "chat_clients", "chat_max_clients", "chat_messages_received",
         "chat_messages_relayed", "chat_received_bytes", "chat_sent_bytes", "chat_disconnects",
-        "chat_outbound_backlog_bytes", "chat_relay_latency_seconds"]
+        "chat_outbound_backlog_bytes", "chat_relay_latency_seconds", "chat_build_info",
+        "chat_max_client_backlog_bytes", "chat_accept_errors", "chat_flow_control_pauses",
+        "chat_flow_control_pause_seconds", "chat_log_lines_dropped"]
     assert {name: found[name].type for name in found if name.startswith("chat_")} == {
         "chat_connections": "counter", "chat_clients": "gauge", "chat_max_clients": "gauge",
         "chat_messages_received": "counter", "chat_messages_relayed": "counter",
         "chat_received_bytes": "counter", "chat_sent_bytes": "counter",
         "chat_disconnects": "counter", "chat_outbound_backlog_bytes": "gauge",
-        "chat_relay_latency_seconds": "histogram"}
+        "chat_relay_latency_seconds": "histogram", "chat_build_info": "gauge",
+        "chat_max_client_backlog_bytes": "gauge", "chat_accept_errors": "counter",
+        "chat_flow_control_pauses": "counter", "chat_flow_control_pause_seconds": "counter",
+        "chat_log_lines_dropped": "counter"}
+    assert not any(name.startswith("chat_backbone") for name in found)  # no --backbone
     # METRIC_NAMES (used by the docs tests) is the exposed list, as Prometheus names series.
     assert list(METRIC_NAMES) == [name + "_total" if found[name].type == "counter" else name
                                   for name in found if name.startswith("chat_")]
@@ -273,7 +290,8 @@ def test_many_clients_sending_at_once_counters_exact(metered):
         while not stop_scraping.is_set():
             values = chat_values(fetch(exporter.url))
             for key, value in values.items():
-                if key.startswith(("chat_clients", "chat_outbound_backlog_bytes", "chat_max_clients")):
+                if key.startswith(("chat_clients", "chat_outbound_backlog_bytes", "chat_max_clients",
+                                   "chat_max_client_backlog_bytes", "chat_build_info")):
                     continue  # gauges
                 if value < previous.get(key, 0):
                     failures.append(("scraper", f"{key} went from {previous[key]} to {value}"))
@@ -301,11 +319,16 @@ def test_many_clients_sending_at_once_counters_exact(metered):
                 assert [g[len(prefix):] for g in got if g.startswith(prefix)] == lines[other.port]
 
     total = clients * messages
+    # Back-pressure pauses are not knowable in advance (they depend on thread
+    # scheduling); once everything is delivered they no longer change, so the
+    # scrape must equal the server's own figures.
+    settled = server.stats()
     expected = expected_values(
         connections=clients, clients=clients, max_clients=server.max_clients,
         received=total, relayed=total * (clients - 1),
         received_bytes=sum(len(m) + 1 for ms in lines.values() for m in ms),
-        sent_bytes=sum(inbound.values()))
+        sent_bytes=sum(inbound.values()), flow_pauses=settled["flow_control_pauses_total"],
+        flow_pause_seconds=settled["flow_control_pause_seconds_total"])
     text = scrape_until(exporter.url, expected, timeout=10)
     assert_histogram_matches(text, server.stats())
     for peer in peers:
@@ -339,7 +362,8 @@ def test_slow_consumer_drop_is_counted(metered):
     expected = expected_values(
         connections=2, clients=1, max_clients=server.max_clients, received=sent, relayed=relayed,
         received_bytes=sent * (len(payload) + 1), sent_bytes=stats["sent_bytes_total"],
-        slow_consumer=1)
+        flow_pauses=stats["flow_control_pauses_total"],
+        flow_pause_seconds=stats["flow_control_pause_seconds_total"], slow_consumer=1)
     scrape_until(exporter.url, expected)
     stuck.close()
     sender.close()
@@ -375,6 +399,9 @@ def test_two_exporters_in_one_process_do_not_clash():
 # --- the translation, on arbitrary snapshots --------------------------------------------
 
 class FakeServer:
+    """A stats() source for the translation tests: the thing under test is the
+    exporter's translation of a snapshot, so any snapshot will do."""
+
     def __init__(self, stats):
         self._stats = stats
 
@@ -383,45 +410,117 @@ class FakeServer:
 
 
 counts = st.integers(min_value=0, max_value=2**53)
+seconds = st.floats(min_value=0, max_value=1e9, allow_nan=False)
+SCALAR_KEYS = ("connections_total", "clients", "max_clients", "messages_received_total",
+               "messages_relayed_total", "received_bytes_total", "sent_bytes_total",
+               "outbound_backlog_bytes", "max_client_backlog_bytes", "flow_control_pauses_total",
+               "log_lines_dropped_total")
+# The backbone's stats() dict, exactly as metrics/README.md and /work/briefs/backbone-stats.md define it.
+BACKBONE_COUNTS = ("entries_out_total", "messages_out_total", "entries_in_total", "messages_in_total",
+                   "reconnects_total", "publish_errors_total", "outbox_bytes", "outbox_budget_bytes",
+                   "dropped_messages_total", "duplicates_total", "gaps_total", "peers")
+DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def backbone_values(backbone):
+    """The chat_backbone_ samples (not the histogram) that `backbone` must come out as."""
+    values = {"chat_backbone_connected": float(backbone["connected"])}
+    for key in BACKBONE_COUNTS:
+        values[f"chat_backbone_{key}"] = float(backbone[key])
+    return values
+
+
+backbones = st.none() | st.fixed_dictionaries({
+    "connected": st.booleans(), **{key: counts for key in BACKBONE_COUNTS},
+    "delay_buckets": st.just(DELAY_BUCKETS),
+    "delay_counts": st.lists(st.integers(0, 10**9), min_size=len(DELAY_BUCKETS) + 1,
+                             max_size=len(DELAY_BUCKETS) + 1),
+    "delay_sum": seconds})
 
 
 @settings(max_examples=60, deadline=None)
-@given(scalars=st.lists(counts, min_size=9, max_size=9),
+@given(scalars=st.lists(counts, min_size=len(SCALAR_KEYS), max_size=len(SCALAR_KEYS)),
        disconnects=st.lists(counts, min_size=len(DISCONNECT_REASONS), max_size=len(DISCONNECT_REASONS)),
+       accept_errors=st.lists(counts, min_size=len(ACCEPT_ERROR_REASONS), max_size=len(ACCEPT_ERROR_REASONS)),
        latency=st.lists(st.integers(0, 10**9), min_size=len(LATENCY_BUCKETS) + 1,
                         max_size=len(LATENCY_BUCKETS) + 1),
-       latency_sum=st.floats(min_value=0, max_value=1e9, allow_nan=False))
-def test_any_snapshot_round_trips_exactly(scalars, disconnects, latency, latency_sum):
+       latency_sum=seconds, pause_seconds=seconds, version=st.sampled_from(["2.0.0", "2.1.0-rc1"]),
+       backbone=backbones)
+def test_any_snapshot_round_trips_exactly(scalars, disconnects, accept_errors, latency, latency_sum,
+                                          pause_seconds, version, backbone):
     """Whatever stats() says is what a parser reads back: integers up to 2**53
-    and the float sum survive the text format, buckets come out cumulative."""
-    keys = ("connections_total", "clients", "max_clients", "messages_received_total",
-            "messages_relayed_total", "received_bytes_total", "sent_bytes_total",
-            "outbound_backlog_bytes")
-    stats = dict(zip(keys, scalars))
+    and the float sums survive the text format, buckets come out cumulative,
+    and the backbone families appear exactly when stats()["backbone"] is a dict."""
+    stats = dict(zip(SCALAR_KEYS, scalars))
     stats.update(disconnects_total=dict(zip(DISCONNECT_REASONS, disconnects)),
+                 accept_errors_total=dict(zip(ACCEPT_ERROR_REASONS, accept_errors)),
                  relay_latency_buckets=LATENCY_BUCKETS, relay_latency_counts=latency,
-                 relay_latency_sum=latency_sum, messages_received_total=sum(latency))
+                 relay_latency_sum=latency_sum, messages_received_total=sum(latency),
+                 flow_control_pause_seconds_total=pause_seconds, version=version, backbone=backbone)
     registry = CollectorRegistry()
     registry.register(ChatCollector(FakeServer(stats)))
     text = generate_latest(registry).decode()
 
-    assert chat_values(text) == expected_values(
+    values = chat_values(text)
+    backbone_samples = {key: values.pop(key) for key in list(values) if key.startswith("chat_backbone_")}
+    assert values == expected_values(
         connections=stats["connections_total"], clients=stats["clients"],
         max_clients=stats["max_clients"], received=stats["messages_received_total"],
         relayed=stats["messages_relayed_total"], received_bytes=stats["received_bytes_total"],
         sent_bytes=stats["sent_bytes_total"], backlog=stats["outbound_backlog_bytes"],
-        **dict(zip(DISCONNECT_REASONS, disconnects)))
+        max_backlog=stats["max_client_backlog_bytes"],
+        accept_errors=stats["accept_errors_total"], flow_pauses=stats["flow_control_pauses_total"],
+        flow_pause_seconds=pause_seconds, log_dropped=stats["log_lines_dropped_total"],
+        version=version, **dict(zip(DISCONNECT_REASONS, disconnects)))
     assert_histogram_matches(text, stats)
+    found = families(text)
+    if backbone is None:
+        assert backbone_samples == {}
+        assert not any(name.startswith("chat_backbone") for name in found)
+        return
+    assert backbone_samples == backbone_values(backbone)
+    # The families in BACKBONE_METRIC_NAMES' order, as Prometheus names the series.
+    exposed = [name + "_total" if found[name].type == "counter" else name
+               for name in found if name.startswith("chat_backbone")]
+    assert exposed == list(BACKBONE_METRIC_NAMES)
+    les, cumulative, count, total = histogram(text, "chat_backbone_delay_seconds")
+    assert les == [repr(b) for b in DELAY_BUCKETS] + ["+Inf"]
+    assert cumulative == [float(v) for v in itertools.accumulate(backbone["delay_counts"])]
+    assert count == cumulative[-1] and total == backbone["delay_sum"]
+
+
+def _zero_stats(**overrides):
+    stats = dict.fromkeys(SCALAR_KEYS, 0)
+    stats.update(disconnects_total={}, accept_errors_total={}, relay_latency_buckets=(0.1, 1.0),
+                 relay_latency_counts=[0, 0, 0], relay_latency_sum=0.0,
+                 flow_control_pause_seconds_total=0.0, version="2.0.0", backbone=None)
+    stats.update(overrides)
+    return stats
 
 
 def test_collector_rejects_mismatched_histogram():
-    stats = {"relay_latency_buckets": (0.1, 1.0), "relay_latency_counts": [1, 2]}  # needs 3
-    collector = ChatCollector(FakeServer(dict.fromkeys(
-        ("connections_total", "clients", "max_clients", "messages_received_total",
-         "messages_relayed_total", "received_bytes_total", "sent_bytes_total",
-         "outbound_backlog_bytes"), 0) | {"disconnects_total": {}, "relay_latency_sum": 0.0} | stats))
-    with pytest.raises(ValueError, match="2 latency buckets but 2 counts"):
+    collector = ChatCollector(FakeServer(_zero_stats(relay_latency_counts=[1, 2])))  # needs 3
+    with pytest.raises(ValueError, match="chat_relay_latency_seconds: 2 buckets but 2 counts"):
         collector.collect()
+    backbone = dict.fromkeys(BACKBONE_COUNTS, 0)
+    backbone.update(connected=True, delay_buckets=(0.1,), delay_counts=[0], delay_sum=0.0)  # needs 2
+    with pytest.raises(ValueError, match="chat_backbone_delay_seconds: 1 buckets but 1 counts"):
+        ChatCollector(FakeServer(_zero_stats(backbone=backbone))).collect()
+
+
+def test_a_snapshot_missing_a_contract_key_fails_the_scrape_with_500():
+    """The exporter reads exactly the contract's keys: a server (or backbone)
+    that drifts from it makes the scrape fail loudly, not expose a partial page."""
+    broken = _zero_stats()
+    del broken["log_lines_dropped_total"]
+    exporter = start_metrics_server(FakeServer(broken), port=0)
+    try:
+        with pytest.raises(urllib.error.HTTPError) as failure:
+            urllib.request.urlopen(exporter.url, timeout=5)
+        assert failure.value.code == 500
+        assert failure.value.read() == b"Cannot collect metrics: KeyError('log_lines_dropped_total')\n"
+    finally:
+        exporter.stop()
 
 
 # --- the real command line ---------------------------------------------------------------
@@ -444,6 +543,11 @@ def test_server_process_serves_metrics(server_process):
         connections=2, clients=1, max_clients=10_000, received=1, relayed=1,
         received_bytes=len(b"ping\nexit\n"), sent_bytes=len(frame(a.port, "ping")), exit=1))
     assert "python_info" in families(text)
+    # chat_build_info carries the same version as --version prints.
+    version = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--version"], capture_output=True,
+                             text=True, timeout=15, stdin=subprocess.DEVNULL)
+    assert version.returncode == 0 and version.stdout == f"mychatserver {VERSION}\n"
+    assert f'chat_build_info{{version="{VERSION}"}} 1.0\n' in text
     a.close()
 
     rc, lines, err = proc.stop()

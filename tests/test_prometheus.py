@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,21 +24,27 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from a2.mychatserver import DISCONNECT_REASONS, frame
+from a2.mychatserver import DISCONNECT_REASONS, VERSION, ChatServer, frame
 from conftest import ROOT, Peer, wait_until
-from metrics.exporter import METRIC_NAMES
+from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, start_metrics_server
 
 METRICS_DIR = ROOT / "metrics"
 CONFIG = METRICS_DIR / "prometheus.yml"
 RULES = METRICS_DIR / "rules.yml"
+RULE_TESTS = METRICS_DIR / "rules_test.yml"
 DASHBOARD = METRICS_DIR / "dashboard.json"
 README = METRICS_DIR / "README.md"
 
 ALERTS = ["ChatServerDown", "ChatServerTargetMissing", "ChatSlowConsumerDrops",
-          "ChatRelayLatencyHigh", "ChatClientsAtMaximum"]
+          "ChatRelayLatencyHigh", "ChatClientsAtMaximum", "ChatFileDescriptorsNearLimit",
+          "ChatServerRestarted", "ChatAcceptErrors", "ChatLogLinesDropped",
+          "ChatBackboneDown", "ChatBackboneGap", "ChatBackboneOutboxHigh", "ChatBackboneDelayHigh"]
+BACKBONE_ALERTS = ALERTS[-4:]
 RECORDING_RULES = ["instance:chat_messages_received:rate1m", "instance:chat_messages_relayed:rate1m",
                    "instance:chat_fanout_ratio:rate1m", "instance:chat_relay_latency_seconds:p50_5m",
-                   "instance:chat_relay_latency_seconds:p99_5m"]
+                   "instance:chat_relay_latency_seconds:p99_5m", "instance:process_open_fds:ratio",
+                   "instance:chat_backbone_messages_out:rate1m", "instance:chat_backbone_messages_in:rate1m",
+                   "instance:chat_backbone_delay_seconds:p99_5m"]
 METRICS_LINE = re.compile(r"^Metrics on http://([\d.]+):(\d+)/metrics$")
 
 
@@ -48,8 +55,9 @@ def tool(name):
     return path
 
 
-def run(*command, timeout=30):
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+def run(*command, timeout=30, cwd=None):
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                          cwd=cwd)
 
 
 def rule_names(kind):
@@ -79,137 +87,86 @@ def test_promtool_check_rules():
     assert rule_names("record") == RECORDING_RULES
 
 
-# Each alert fires exactly when it should, and not before its `for:`; annotations
-# are asserted in full because they are what the person paged reads.
-RULE_TESTS = """\
-rule_files:
-  - {rules}
-evaluation_interval: 1m
-tests:
-  - name: server down
-    interval: 1m
-    input_series:
-      - series: 'up{{job="chat", instance="127.0.0.1:9100"}}'
-        values: '1 0x10'
-    alert_rule_test:
-      - {{eval_time: 1m, alertname: ChatServerDown, exp_alerts: []}}  # pending: for 1m
-      - eval_time: 3m
-        alertname: ChatServerDown
-        exp_alerts:
-          - exp_labels: {{severity: critical, job: chat, instance: "127.0.0.1:9100"}}
-            exp_annotations:
-              summary: "Chat server 127.0.0.1:9100 is down"
-              description: "Prometheus has not been able to scrape 127.0.0.1:9100/metrics for 1 minute."
-      - {{eval_time: 3m, alertname: ChatServerTargetMissing, exp_alerts: []}}
-
-  - name: target missing
-    interval: 1m
-    input_series:
-      - series: 'up{{job="something-else", instance="127.0.0.1:9100"}}'
-        values: '1x10'
-    alert_rule_test:
-      - {{eval_time: 4m, alertname: ChatServerTargetMissing, exp_alerts: []}}  # pending: for 5m
-      - eval_time: 6m
-        alertname: ChatServerTargetMissing
-        exp_alerts:
-          - exp_labels: {{severity: critical, job: chat}}
-            exp_annotations:
-              summary: "No chat server is being scraped"
-              description: 'There is no up{{job="chat"}} series: check the scrape config''s chat job and its targets.'
-
-  - name: slow consumer dropped
-    interval: 1m
-    input_series:
-      - series: 'chat_disconnects_total{{job="chat", instance="i", reason="slow_consumer"}}'
-        values: '0 0 1x10'
-      - series: 'chat_disconnects_total{{job="chat", instance="i", reason="exit"}}'
-        values: '0+5x12'  # clients leaving normally never alert
-    alert_rule_test:
-      - {{eval_time: 1m, alertname: ChatSlowConsumerDrops, exp_alerts: []}}
-      - eval_time: 3m
-        alertname: ChatSlowConsumerDrops
-        exp_alerts:
-          - exp_labels: {{severity: warning, job: chat, instance: i, reason: slow_consumer}}
-            exp_annotations:
-              summary: "Chat server i dropped slow consumers"
-              description: "Clients were disconnected in the last 5 minutes for having more than --outbound-budget bytes waiting to be sent."
-      - {{eval_time: 9m, alertname: ChatSlowConsumerDrops, exp_alerts: []}}  # no drop in the last 5m
-
-  - name: relay latency
-    interval: 1m
-    input_series:
-      # instance slow: every message took 100-250ms, so p99 is about 0.25s.
-      - series: 'chat_relay_latency_seconds_bucket{{job="chat", instance="slow", le="0.1"}}'
-        values: '0x15'
-      - series: 'chat_relay_latency_seconds_bucket{{job="chat", instance="slow", le="0.25"}}'
-        values: '0+60x15'
-      - series: 'chat_relay_latency_seconds_bucket{{job="chat", instance="slow", le="+Inf"}}'
-        values: '0+60x15'
-      # instance fast: every message within 1ms.
-      - series: 'chat_relay_latency_seconds_bucket{{job="chat", instance="fast", le="0.001"}}'
-        values: '0+60x15'
-      - series: 'chat_relay_latency_seconds_bucket{{job="chat", instance="fast", le="+Inf"}}'
-        values: '0+60x15'
-    alert_rule_test:
-      - {{eval_time: 4m, alertname: ChatRelayLatencyHigh, exp_alerts: []}}  # pending: for 5m
-      - eval_time: 10m
-        alertname: ChatRelayLatencyHigh
-        exp_alerts:
-          - exp_labels: {{severity: warning, job: chat, instance: slow}}
-            exp_annotations:
-              summary: "Chat relay p99 latency on slow is above 100ms"
-              description: "99% of messages should be queued for all recipients within 100ms of arriving; for 5 minutes they were not."
-
-  - name: clients at maximum
-    interval: 1m
-    input_series:
-      - series: 'chat_clients{{job="chat", instance="i"}}'
-        values: '5 10 10 10 9'
-      - series: 'chat_max_clients{{job="chat", instance="i"}}'
-        values: '10x4'
-    alert_rule_test:
-      - {{eval_time: 1m, alertname: ChatClientsAtMaximum, exp_alerts: []}}  # pending: for 1m
-      - eval_time: 3m
-        alertname: ChatClientsAtMaximum
-        exp_alerts:
-          - exp_labels: {{severity: warning, job: chat, instance: i}}
-            exp_annotations:
-              summary: "Chat server i is at its client limit"
-              description: "chat_clients has reached --max-clients for 1 minute; new connections are refused."
-      - {{eval_time: 4m, alertname: ChatClientsAtMaximum, exp_alerts: []}}  # back below
-
-  - name: recording rules
-    interval: 1m
-    input_series:
-      - series: 'chat_messages_received_total{{job="chat", instance="i"}}'
-        values: '0+60x10'
-      - series: 'chat_messages_relayed_total{{job="chat", instance="i"}}'
-        values: '0+180x10'
-    promql_expr_test:
-      - expr: instance:chat_messages_received:rate1m
-        eval_time: 5m
-        exp_samples:
-          - labels: 'instance:chat_messages_received:rate1m{{job="chat", instance="i"}}'
-            value: 1
-      - expr: instance:chat_fanout_ratio:rate1m
-        eval_time: 5m
-        exp_samples:
-          - labels: 'instance:chat_fanout_ratio:rate1m{{job="chat", instance="i"}}'
-            value: 3
-"""
-
-
-def test_alert_and_recording_rules_behave(tmp_path):
-    tests = tmp_path / "rules_test.yml"
-    tests.write_text(RULE_TESTS.format(rules=RULES))
-    result = run(tool("promtool"), "test", "rules", str(tests))
+def test_rule_unit_tests_pass_as_an_operator_runs_them():
+    """metrics/rules_test.yml, with the exact command its header and the README give."""
+    result = run(tool("promtool"), "test", "rules", "metrics/rules_test.yml", cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS" in result.stdout
+    assert result.stdout == "Unit Testing:  metrics/rules_test.yml\n  SUCCESS\n\n", result.stdout
+
+
+def test_every_alert_is_unit_tested_firing_and_has_a_runbook_section():
+    tests = RULE_TESTS.read_text()
+    readme = README.read_text()
+    # GitHub's anchors for the README's headings (lowercase, spaces to dashes).
+    anchors = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+               for heading in re.findall(r"^#+ (.+)$", readme, re.MULTILINE)}
+    rules = RULES.read_text()
+    for alert in ALERTS:
+        anchor = alert.lower()
+        # The rule carries the link, a unit test expects it on a firing alert,
+        # and the README has the section it points at.
+        assert rules.count(f'runbook_url: "metrics/README.md#{anchor}"') == 1, alert
+        assert tests.count(f'runbook_url: "metrics/README.md#{anchor}"') >= 1, alert
+        assert anchor in anchors, f"metrics/README.md has no section for {alert}"
 
 
 def dashboard_queries():
+    """(panel title, expr, is a backbone panel) for every query of every panel (rows have none)."""
     dashboard = json.loads(DASHBOARD.read_text())
-    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    return [(panel["title"], target["expr"], "chat_backbone_" in target["expr"])
+            for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+# Panels that are empty on a healthy single server, and must be exactly that.
+EMPTY_WHEN_HEALTHY = {"Firing alerts"}
+
+
+def _grafana_units():
+    from grafana_foundation_sdk.models import units
+    return {value for name, value in vars(units).items() if not name.startswith("_") and isinstance(value, str)}
+
+
+def _lost_in_round_trip(ours, back, path="$"):
+    """Every key and value of `ours` that Grafana's model (`back`) did not keep."""
+    if isinstance(ours, dict):
+        if not isinstance(back, dict):
+            return [f"{path}: not an object in Grafana's model"]
+        lost = []
+        for key, value in ours.items():
+            lost += ([f"{path}.{key}: unknown to Grafana's schema"] if key not in back
+                     else _lost_in_round_trip(value, back[key], f"{path}.{key}"))
+        return lost
+    if isinstance(ours, list):
+        if not isinstance(back, list) or len(back) != len(ours):
+            return [f"{path}: list changed"]
+        return [item for i, (a, b) in enumerate(zip(ours, back)) for item in _lost_in_round_trip(a, b, f"{path}[{i}]")]
+    return [] if ours == back else [f"{path}: {ours!r} became {back!r}"]
+
+
+def test_dashboard_round_trips_through_grafanas_own_dashboard_model():
+    """grafana-foundation-sdk is Grafana's generated model of the dashboard JSON
+    (its schema as Python classes, one per panel plugin and data source). Our file
+    is decoded with it and encoded back: any key Grafana's schema does not know,
+    on the dashboard, a panel, its options, field config or a target, is lost on
+    the way and fails here. Every panel type must be a plugin the SDK knows and
+    every target must decode as a Prometheus query (not an unknown one)."""
+    from grafana_foundation_sdk.cog import runtime
+    from grafana_foundation_sdk.cog.encoder import JSONEncoder
+    from grafana_foundation_sdk.cog.plugins import register_default_plugins
+    from grafana_foundation_sdk.models import prometheus
+    from grafana_foundation_sdk.models.dashboard import Dashboard, RowPanel
+
+    register_default_plugins()
+    ours = json.loads(DASHBOARD.read_text())
+    model = Dashboard.from_json(ours)
+    back = json.loads(json.dumps(model, cls=JSONEncoder))
+    assert _lost_in_round_trip(ours, back) == []
+    for panel in model.panels:
+        if isinstance(panel, RowPanel):
+            continue
+        assert runtime.panelcfg_config(panel.type_val) is not None, panel.type_val
+        for query in panel.targets:
+            assert isinstance(query, prometheus.Dataquery), (panel.title, type(query))
 
 
 def test_dashboard_is_importable_and_covers_the_issue():
@@ -219,28 +176,71 @@ def test_dashboard_is_importable_and_covers_the_issue():
     # The Prometheus data source is a variable, so the file imports (UI or
     # provisioning) into any Grafana without editing.
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert list(variables) == ["datasource", "instance"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
+    assert variables["instance"]["type"] == "query"
+    assert variables["instance"]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+    assert variables["instance"]["query"]["query"] == 'label_values(chat_clients{job="chat"}, instance)'
+    assert variables["instance"]["includeAll"] and variables["instance"]["allValue"] == ".*"
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
+    units = _grafana_units()
+    cells = set()
+    rows = []
     for panel in panels:
+        grid = panel["gridPos"]
+        assert set(grid) == {"h", "w", "x", "y"}
+        assert grid["x"] >= 0 and grid["w"] >= 1 and grid["x"] + grid["w"] <= 24, panel["title"]
+        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])}
+        assert not area & cells, f"{panel['title']} overlaps another panel"
+        cells |= area
+        if panel["type"] == "row":
+            assert grid == {"h": 1, "w": 24, "x": 0, "y": grid["y"]} and panel["panels"] == []
+            assert "targets" not in panel and "datasource" not in panel
+            rows.append(panel["title"])
+            continue
+        assert panel["type"] in {"timeseries", "stat", "table", "heatmap"}, panel["type"]
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
-        assert set(panel["gridPos"]) == {"h", "w", "x", "y"}
-        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
-    titles = [p["title"] for p in panels]
-    assert titles == ["Clients", "Messages per second", "Fan-out ratio", "Relay latency p50 / p99",
-                      "Disconnects by reason", "Bytes per second", "Outbound backlog",
-                      "Connections accepted per second"]
+        assert panel["targets"] and len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"]
+            # Per instance: every query follows the instance variable.
+            assert 'instance=~"$instance"' in target["expr"] or "ALERTS" in target["expr"], panel["title"]
+        # Units that read right: a Grafana unit or a custom "suffix: ...", never the default "short".
+        unit = panel["fieldConfig"]["defaults"].get("unit")
+        if panel["type"] != "heatmap":
+            assert unit is not None and unit != "short", panel["title"]
+            assert unit in units or unit.startswith("suffix: "), (panel["title"], unit)
+    assert rows == ["Health", "Traffic", "Disconnects and errors, per instance", "Process",
+                    "Backbone, per instance (only with --backbone)"]
+    by_title = {p["title"]: p for p in panels}
+    assert by_title["Messages per second"]["fieldConfig"]["defaults"]["unit"] == "suffix: msg/s"
+    assert by_title["Relay latency heatmap"]["targets"][0]["format"] == "heatmap"
+    assert by_title["Relay latency heatmap"]["options"]["calculate"] is False  # Prometheus' own buckets
+    assert {"CPU", "Resident memory", "Open descriptors vs limit", "Target up", "Firing alerts",
+            "Disconnects by reason", "Slow-consumer drops"} <= set(by_title)
+
+    queries = dashboard_queries()
     # Every chat_ series a panel queries is one the exporter exposes.
-    exposed = set(METRIC_NAMES) | {"chat_relay_latency_seconds_bucket"}
-    used = {name for _, expr in dashboard_queries() for name in re.findall(r"\bchat_\w+", expr)}
+    exposed = set(METRIC_NAMES) | set(BACKBONE_METRIC_NAMES) | {
+        "chat_relay_latency_seconds_bucket", "chat_backbone_delay_seconds_bucket"}
+    used = {name for _, expr, _ in queries for name in re.findall(r"(?<![:\w])chat_\w+", expr)}
     assert used <= exposed, used - exposed
-    assert exposed - used == {"chat_relay_latency_seconds"}  # only through its _bucket series
+    # Panels use the recording rules rules.yml defines (all of them but one), and only those.
+    recorded = {name for _, expr, _ in queries for name in re.findall(r"\binstance:[\w:]+", expr)}
+    assert recorded <= set(RECORDING_RULES), recorded - set(RECORDING_RULES)
+    assert set(RECORDING_RULES) - recorded == {"instance:chat_messages_relayed:rate1m"} - recorded
+    # The ALERTS series and process_* are on the dashboard too.
+    exprs = " ".join(expr for _, expr, _ in queries)
+    for name in ("ALERTS", "up{", "process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_max_fds", "process_start_time_seconds"):
+        assert name in exprs, name
 
 
 def test_readme_documents_every_metric_and_alert():
     readme = README.read_text()
-    for name in list(METRIC_NAMES) + ALERTS:
+    for name in list(METRIC_NAMES) + list(BACKBONE_METRIC_NAMES) + ALERTS:
         assert re.search(rf"`{name}[`{{]", readme), name  # `name` or `name{labels}`
 
 
@@ -291,11 +291,12 @@ class Prometheus:
         self._log.close()
 
 
-def scrape_config_for(metrics_address, tmp_path):
-    """metrics/prometheus.yml with the target pointed at the test server and 1s
+def scrape_config_for(metrics_address, tmp_path, *more_targets):
+    """metrics/prometheus.yml with the target pointed at the test server(s) and 1s
     intervals; rules.yml copied next to it (rule_files is relative)."""
     text = CONFIG.read_text()
-    for old, new in (('"127.0.0.1:9100"', f'"{metrics_address}"'),
+    targets = ", ".join(f'"{address}"' for address in (metrics_address, *more_targets))
+    for old, new in (('"127.0.0.1:9100"', targets),
                      ("scrape_interval: 15s", "scrape_interval: 1s"),
                      ("evaluation_interval: 15s", "evaluation_interval: 1s")):
         assert text.count(old) == 1, f"{old!r} must appear exactly once in {CONFIG}"
@@ -306,7 +307,54 @@ def scrape_config_for(metrics_address, tmp_path):
     return config
 
 
-def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, tmp_path):
+class StandInBackbone:
+    """A healthy backbone's stats(), growing at every call, exactly in the shape
+    metrics/README.md defines (the real one is cluster/'s, not part of this
+    test): lets the dashboard's backbone row be queried against real data."""
+
+    BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+    def __init__(self):
+        self._calls = 0
+        self._lock = threading.Lock()
+
+    def stats(self):
+        with self._lock:
+            self._calls += 1
+            n = self._calls
+        counts = [0] * (len(self.BUCKETS) + 1)
+        counts[2] = 10 * n  # every message within 2.5 ms
+        return {"connected": True, "entries_out_total": 2 * n, "messages_out_total": 10 * n,
+                "entries_in_total": 2 * n, "messages_in_total": 10 * n, "reconnects_total": 0,
+                "publish_errors_total": 0, "outbox_bytes": 0, "outbox_budget_bytes": 1 << 20,
+                "dropped_messages_total": 0, "duplicates_total": 0, "gaps_total": 0, "peers": 2,
+                "delay_buckets": self.BUCKETS, "delay_counts": counts, "delay_sum": 0.02 * n}
+
+    def publish(self, port, messages):
+        pass
+
+    def stop(self):
+        pass
+
+
+@pytest.fixture
+def node_with_backbone():
+    """A real ChatServer with a StandInBackbone attached through the server's
+    backbone hook (as --backbone attaches cluster/'s), and its exporter."""
+    node = ChatServer("127.0.0.1", 0, quiet=True)
+    node.attach_backbone(StandInBackbone())
+    thread = threading.Thread(target=node.serve_forever, daemon=True)
+    thread.start()
+    exporter = start_metrics_server(node, port=0)
+    try:
+        yield f"{exporter.host}:{exporter.port}"
+    finally:
+        exporter.stop()
+        node.shutdown()
+        thread.join(5)
+
+
+def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, node_with_backbone, tmp_path):
     server = server_process("--metrics-port", "0", "--quiet")
     match = next(filter(None, map(METRICS_LINE.match, server.lines)))
     metrics_address = f"{match.group(1)}:{match.group(2)}"
@@ -324,8 +372,10 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
     c.send("exit\n")
     c.expect_closed()
 
-    prometheus = Prometheus(scrape_config_for(metrics_address, tmp_path), tmp_path / "data",
-                            tmp_path / "prometheus.log")
+    # Prometheus scrapes two targets: the server process (exact values below)
+    # and a node with a (stand-in) backbone, for the dashboard's backbone row.
+    prometheus = Prometheus(scrape_config_for(metrics_address, tmp_path, node_with_backbone),
+                            tmp_path / "data", tmp_path / "prometheus.log")
     try:
         expected = {
             ("up", ""): 1.0,
@@ -340,9 +390,17 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
             ("chat_relay_latency_seconds_count", ""): 2.0,
             **{("chat_disconnects_total", reason): float(reason == "exit")
                for reason in DISCONNECT_REASONS},
+            ("chat_build_info", ""): 1.0,
+            ("chat_max_client_backlog_bytes", ""): 0.0,
+            **{("chat_accept_errors_total", reason): 0.0
+               for reason in ("emfile", "enfile", "enobufs", "enomem", "other")},
+            ("chat_flow_control_pauses_total", ""): 0.0,
+            ("chat_flow_control_pause_seconds_total", ""): 0.0,
+            ("chat_log_lines_dropped_total", ""): 0.0,
         }
-        selector = ('{job="chat", __name__=~"up|chat_[a-z_]+_total|chat_clients|chat_max_clients'
-                    '|chat_outbound_backlog_bytes|chat_relay_latency_seconds_count"}')
+        selector = (f'{{job="chat", instance="{metrics_address}", __name__=~"up|chat_[a-z_]+_total|chat_clients'
+                    '|chat_max_clients|chat_outbound_backlog_bytes|chat_relay_latency_seconds_count'
+                    '|chat_build_info|chat_max_client_backlog_bytes"}')
         last = {}
 
         def values():
@@ -354,6 +412,8 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
                 assert series["metric"]["instance"] == metrics_address
             last = {(s["metric"]["__name__"], s["metric"].get("reason", "")): float(s["value"][1])
                     for s in result}
+            versions = [s["metric"].get("version") for s in result if s["metric"]["__name__"] == "chat_build_info"]
+            assert versions in ([], [VERSION])
             return last == expected
 
         try:
@@ -393,14 +453,55 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
             raise
         assert prometheus.query('ALERTS{alertstate="firing"}') == []
 
-        # Every dashboard query is valid PromQL that Prometheus accepts.
-        for title, expr in dashboard_queries():
-            grafana_free = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
-            assert prometheus.query(grafana_free) is not None, title
+        # Every dashboard query returns data from these live servers (with live
+        # traffic: a and b keep talking), once the recording rules have run and
+        # rate() has two samples: the backbone row from the node with a
+        # backbone, every other panel from the server process too. Only
+        # "Firing alerts" must return exactly nothing: all is well.
+        assert prometheus.query(f'chat_backbone_connected{{instance="{metrics_address}"}}') == []
+        talking = threading.Event()
+        talker = threading.Thread(target=_keep_talking, args=(a, b, talking), daemon=True)
+        talker.start()
+        try:
+            for title, expr, backbone in dashboard_queries():
+                grafana_free = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+                if title in EMPTY_WHEN_HEALTHY:
+                    assert prometheus.query(grafana_free) == [], title
+                    continue
+                # Data, not NaN, for the instance that has it (the node with a
+                # backbone has no chat traffic: its fan-out ratio is NaN), or
+                # for the aggregate (no instance label: heatmap, alert count).
+                wanted = node_with_backbone if backbone else metrics_address
+                got = []
+
+                def has_data():
+                    nonlocal got
+                    got = prometheus.query(grafana_free)
+                    mine = [s for s in got or [] if s["metric"].get("instance", wanted) == wanted]
+                    return bool(mine) and all(s["value"][1] != "NaN" for s in mine)
+
+                try:
+                    wait_until(has_data, timeout=15, message=f"data for panel {title!r}: {expr}")
+                except AssertionError:
+                    assert got, (title, expr)
+                    raise
+        finally:
+            talking.set()
+            talker.join(10)
+        assert prometheus.query('ALERTS{alertstate="firing"}') == []
     finally:
         prometheus.stop()
         for peer in (a, b, c):
             peer.close()
+
+
+def _keep_talking(a, b, stop):
+    """a and b exchange a message every 0.2 s until `stop` (bounded: 300 rounds)."""
+    for n in range(300):
+        if stop.wait(0.2):
+            return
+        a.send(f"tick {n}\n")
+        b.expect(frame(a.port, f"tick {n}"))
 
 
 def _scraped_clients(metrics_address):
