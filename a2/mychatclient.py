@@ -318,6 +318,13 @@ def _readable_now(sock):
     return bool(select.select([sock], [], [], 0)[0])
 
 
+def _seconds(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _port(text):
     value = int(text)
     if not 1 <= value <= 65535:
@@ -331,6 +338,8 @@ def parse_args(argv=None):
                     "'exit', Ctrl-D or Ctrl-C leaves.")
     parser.add_argument("--host", default=DEFAULT_HOST, help="server address (default: %(default)s)")
     parser.add_argument("--port", type=_port, default=DEFAULT_PORT, help="server port (default: %(default)s)")
+    parser.add_argument("--connect-timeout", type=_seconds, default=CONNECT_TIMEOUT, metavar="SECONDS",
+                        help="give up on a server that does not answer (default: %(default)s)")
     return parser.parse_args(argv)
 
 
@@ -440,7 +449,7 @@ def main(argv=None):
     interrupter = Interrupter()
     try:
         with interrupter.interruptible():
-            sock = socket.create_connection((args.host, args.port), timeout=CONNECT_TIMEOUT)
+            sock = socket.create_connection((args.host, args.port), timeout=args.connect_timeout)
     except KeyboardInterrupt:  # Ctrl-C while a slow server is answering
         return 130
     except OSError as exc:

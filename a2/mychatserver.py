@@ -114,6 +114,14 @@ SOCKET_SEND_BUFFER = 64 * 1024
 SENDER_QUEUE_LIMIT = 64
 FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 
+# A reader whose recv() came back full (1024 bytes: a flood or a paste, more
+# already waiting) pauses this long before going on. Its next recv() would
+# return at once and take the GIL straight back, before the Sender (woken
+# when the GIL was released) could: one flooding client would then make the
+# Sender wait a whole switch interval for every send. It caps one client's
+# input near 10 MB/s; chat lines never fill a read.
+HOT_READER_PAUSE = 0.0001
+
 # Readers run this much "nicer" than the accept loop and the Sender (see
 # _lower_priority); 0 turns it off.
 READER_NICENESS = 5
@@ -390,6 +398,11 @@ class ClientConnection:
                     # Stop reading: closing with input unread resets a client
                     # that is still sending, rather than leave it blocked in send().
                     break
+                if len(data) == BUFSIZE:
+                    # More is probably waiting (a flood, a paste): step off the
+                    # GIL long enough that a thread waiting for it gets it,
+                    # instead of taking it straight back (see HOT_READER_PAUSE).
+                    time.sleep(HOT_READER_PAUSE)
                 arrived = time.perf_counter()
                 self.received_bytes += len(data)
                 messages = framer.feed(data)
@@ -508,6 +521,12 @@ class Sender:
         self._put(("stop",))
         self._thread.join(timeout)
 
+    def finish(self, timeout):
+        """For a process about to exit: send every client its FIN, end the
+        thread (bounded), leave the descriptors to the exit."""
+        self._put(("finish",))
+        self._thread.join(timeout)
+
     def _put(self, item):
         if self._stopped:
             return
@@ -547,7 +566,7 @@ class Sender:
                     return
                 self._close_some()
         finally:
-            self._close_everything()
+            self._stop_everything()
 
     def _take_queue(self):
         batch = []
@@ -593,6 +612,18 @@ class Sender:
             elif kind == "close_all":
                 for client in list(self._room):
                     self._drop(client, item[1])
+            elif kind == "finish":
+                # The process is exiting: every client gets its FIN now
+                # (SHUT_WR wakes no reader, so no herd of thousands competes
+                # for the GIL meanwhile); exit closes the descriptors.
+                for client in self._room:
+                    try:
+                        client.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass  # already disconnected
+                self._room.clear()
+                go_on = False
+                break
             elif kind == "stop":
                 go_on = False
                 break
@@ -707,7 +738,7 @@ class Sender:
         client.sock.close()
         self._on_closed(client)
 
-    def _close_everything(self):
+    def _stop_everything(self):
         """The Sender stops: nothing more is sent; close what is still open."""
         self._stopped = True
         self._queue.clear()
@@ -932,8 +963,10 @@ class ChatServer:
         except OSError:
             pass  # already woken (buffer full) or closed
 
-    def shutdown(self):
-        """Stop accepting, close every client, wait for them (bounded)."""
+    def shutdown(self, wait=True):
+        """Stop accepting, close every client and wait for their readers
+        (bounded). wait=False, for a process about to exit: send every client
+        its FIN and return, leaving readers and descriptors to the exit."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -946,14 +979,17 @@ class ChatServer:
             count = len(self._clients)
         if count:
             log.info("Shutting down: closing %d connection(s)", count)
-        self._sender.close_all("shutdown")
-        with self._lock:
-            self._all_closed.wait_for(lambda: not self._clients,
-                                      max(0.0, deadline - time.monotonic()))
-            left = len(self._clients)
-        if left:
-            log.warning("%d connection(s) did not finish in %.1fs", left, SHUTDOWN_GRACE)
-        self._sender.stop(SHUTDOWN_GRACE)
+        if wait:
+            self._sender.close_all("shutdown")
+            with self._lock:
+                self._all_closed.wait_for(lambda: not self._clients,
+                                          max(0.0, deadline - time.monotonic()))
+                left = len(self._clients)
+            if left:
+                log.warning("%d connection(s) did not finish in %.1fs", left, SHUTDOWN_GRACE)
+            self._sender.stop(SHUTDOWN_GRACE)
+        else:
+            self._sender.finish(SHUTDOWN_GRACE)
         self._listener.close()
         self._accept_wake_receiver.close()
         self._accept_wake_sender.close()
@@ -1093,7 +1129,8 @@ def _start_metrics(server, host, port):
         from metrics.exporter import start_metrics_server
     except ImportError as exc:
         print(f"--metrics-port needs prometheus-client and the project's metrics/ package "
-              f"({exc}): pip install -r requirements.txt", file=sys.stderr)
+              f"({exc}): use the project's .venv (./run-tests creates it; . .venv/bin/activate)",
+              file=sys.stderr)
         return None
     try:
         exporter = start_metrics_server(server, port=port, host=host)
@@ -1113,7 +1150,8 @@ def _start_backbone(server, url):
         backbone = start_backbone(server, url, node_port=server.address[1])
     except ImportError as exc:
         print(f"--backbone needs the redis package and the project's cluster/ package "
-              f"({exc}): pip install -r requirements.txt", file=sys.stderr)
+              f"({exc}): use the project's .venv (./run-tests creates it; . .venv/bin/activate)",
+              file=sys.stderr)
         return None
     except (OSError, ValueError) as exc:
         print(f"Cannot use backbone {url}: {exc}", file=sys.stderr)
@@ -1187,7 +1225,7 @@ def main(argv=None):
     _warn_if_exposed(server.address[0], "the chat is")
     log.info("Server listening on %s:%d", *server.address)
     server.serve_forever()
-    server.shutdown()
+    server.shutdown(wait=False)  # the exit closes what is left
     if exporter is not None:
         exporter.stop()
     log.info("Server stopped")

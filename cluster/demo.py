@@ -8,7 +8,7 @@ Then connect clients to any node (python a2/mychatclient.py --port 12346):
 they all share one room. Ctrl-C (or SIGTERM) stops every node, then Redis,
 and removes Redis's data. It exists so that a user sees the cluster work
 before reading how (cluster/README.md); it owns its child processes and
-nothing else. Needs Debian's redis-server and `pip install -r requirements.txt`.
+nothing else. Needs Debian's redis-server and the project's .venv (./run-tests creates it).
 """
 
 import argparse

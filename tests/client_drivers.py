@@ -102,9 +102,9 @@ class PipedClient:
     """The client with stdin and stdout as pipes; stdin stays open (a script
     still typing) until the test closes it. Output is collected as it comes."""
 
-    def __init__(self, address):
+    def __init__(self, address, *options):
         self.proc = subprocess.Popen(
-            [sys.executable, str(CLIENT_SCRIPT), "--host", address[0], "--port", str(address[1])],
+            [sys.executable, str(CLIENT_SCRIPT), "--host", address[0], "--port", str(address[1]), *options],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.out = bytearray()
         self.err = bytearray()

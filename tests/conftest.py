@@ -293,8 +293,8 @@ def piped_clients():
 def _started(client_class):
     made = []
 
-    def start(address, **options):
-        client = client_class(address, **options)
+    def start(address, *args, **options):
+        client = client_class(address, *args, **options)
         made.append(client)
         return client
 

@@ -577,7 +577,7 @@ def test_metrics_port_without_prometheus_client_exits_1():
     assert result.stdout == ""
     assert len(result.stderr.splitlines()) == 1
     assert "No module named 'prometheus_client'" in result.stderr
-    assert result.stderr.rstrip().endswith("pip install -r requirements.txt")
+    assert result.stderr.rstrip().endswith("(./run-tests creates it; . .venv/bin/activate)")
 
 
 def test_metrics_port_in_use_exits_1():
