@@ -21,10 +21,11 @@ CLIENT_SCRIPT = ROOT / "a2" / "mychatclient.py"
 LOOPBACK = "127.0.0.1"
 
 
-def wait_until(predicate, timeout=5.0, message="condition"):
+def wait_until(predicate, timeout=5.0, message="condition", interval=0.002):
     """Poll `predicate` until it is true; fail the test after `timeout` seconds.
     `message` says what was awaited: a string, or a function that says it at
-    the time of failure."""
+    the time of failure. `interval` only spaces the polls (a costly predicate,
+    such as a browser read, takes a longer one)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -33,7 +34,7 @@ def wait_until(predicate, timeout=5.0, message="condition"):
         if time.monotonic() > deadline:
             what = message() if callable(message) else message
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.002)  # a poll interval, not a synchronisation point
+        time.sleep(interval)  # a poll interval, not a synchronisation point
 
 
 def reset_on_close(sock):

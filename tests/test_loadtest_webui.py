@@ -23,7 +23,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -33,7 +32,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from conftest import LOOPBACK, ROOT
+from conftest import LOOPBACK, ROOT, wait_until
 from test_loadtest import LOCUSTFILE, fault_relay, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -43,17 +42,9 @@ USERS = 10
 CHAT_FORM = {"chat_wait": "0.1", "chat_churn": "0.05", "chat_message_size": "100"}
 
 
-def poll(predicate, timeout, message, interval=0.05):
-    """Poll `predicate` (a browser or HTTP read) until it returns something
-    true; fail after `timeout` seconds. The interval only spaces the reads."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message() if callable(message) else message}")
-        time.sleep(interval)
+def poll(predicate, timeout, message):
+    """wait_until for a browser or HTTP read: polled every 50 ms."""
+    return wait_until(predicate, timeout, message, interval=0.05)
 
 
 # --- the browser ------------------------------------------------------------------------
