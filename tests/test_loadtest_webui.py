@@ -42,9 +42,9 @@ USERS = 10
 CHAT_FORM = {"chat_wait": "0.1", "chat_churn": "0.05", "chat_message_size": "100"}
 
 
-def poll(predicate, timeout, message):
-    """wait_until for a browser or HTTP read: polled every 50 ms."""
-    return wait_until(predicate, timeout, message, interval=0.05)
+def poll(predicate, timeout, message, interval=0.05):
+    """wait_until for a browser or HTTP read: polled every 50 ms unless told."""
+    return wait_until(predicate, timeout, message, interval=interval)
 
 
 # --- the browser ------------------------------------------------------------------------
