@@ -11,11 +11,12 @@ What it does
     join/leave notices, no echo.
 
 Who owns what (the hub shape of gorilla/websocket's chat example)
-    Each client has one reader thread, the only caller of recv() on its
-    socket; it turns bytes into messages (MessageFramer) and hands them to
-    the Sender. The Sender is one thread that owns every client's outgoing
-    bytes, every send() and every close(), so no two threads ever touch a
-    socket's send side. ChatServer's accept loop admits clients into the
+    Each client has one reader thread while it is connected, the only caller
+    of recv() on its socket; it turns bytes into messages (MessageFramer) and
+    hands them to the Sender, and when the client leaves it may serve the
+    next newcomer (Readers). The Sender is one thread that owns every
+    client's outgoing bytes, every send() and every close(), so no two
+    threads ever touch a socket's send side. ChatServer's accept loop admits clients into the
     registry, which has one lock.
 
 Framing rules (why: ../README.md and a2/README.md; measured peer behaviour)
@@ -49,6 +50,7 @@ if __name__ == "__main__":
     _signal.signal(_signal.SIGINT, _note_stop_signal)
     _signal.signal(_signal.SIGTERM, _note_stop_signal)
 
+import _thread
 import argparse
 import bisect
 import codecs
@@ -59,6 +61,7 @@ import logging
 import logging.handlers
 import os
 import queue
+import random
 import re
 import select
 import selectors
@@ -126,6 +129,12 @@ HOT_READER_PAUSE = 0.0001
 # _lower_priority); 0 turns it off.
 READER_NICENESS = 5
 
+# A reader thread whose client has left waits this long, times 1 to 2 at
+# random, for a newcomer to serve, then ends (see Readers): ending a thread
+# costs far more than waking one (the kernel unmaps its stack), and when
+# thousands end at once that cost falls on whoever arrives then.
+READER_LINGER = 1.0
+
 # Departed clients' sockets the Sender closes per round (see _close_some).
 CLOSES_PER_ROUND = 64
 
@@ -148,6 +157,7 @@ SWITCH_INTERVAL = 0.1
 # counted, so relaying never waits on log output.
 LOG_QUEUE_LINES = 10_000
 LOG_DRAIN_WAIT = 1.0  # seconds to let queued lines out when stopping
+LOG_BATCH_LINES = 1_000  # lines the log writer writes per flush, at most
 
 # Relay latency histogram (seconds): the time from a read's arrival to its
 # frames having been sent, or queued, to every recipient by the Sender.
@@ -375,19 +385,13 @@ class ClientConnection:
         # (never more than the outbound budget), and why the Sender closed it.
         self.outbox = bytearray()
         self.close_reason = None
-        self._reader = threading.Thread(target=self._read_loop, name=f"reader-{self.port}", daemon=True)
 
     def start(self):
-        self._reader.start()
+        """Give this client a reader thread (RuntimeError: none can be started)."""
+        self.server._readers.serve(self)
 
-    def join(self, timeout):
-        self._reader.join(timeout)
-
-    def is_alive(self):
-        return self._reader.is_alive()
-
-    def _read_loop(self):
-        _lower_priority()
+    def read_until_gone(self):
+        """The reader's work for this client: read, frame, relay; depart."""
         framer = MessageFramer()
         reason = "closed"
         try:
@@ -422,6 +426,84 @@ class ClientConnection:
                 log.warning("Connection from %s failed: %s", self.address, exc.strerror or exc)
         finally:
             self.server.depart(self, reason)
+
+
+class Readers:
+    """The reader threads. One serves one client at a time, from its arrival
+    to its departure; then it waits up to READER_LINGER (x 1-2) for the next
+    newcomer and ends if none comes. So when thousands leave at once they do
+    not also end thousands of threads at once (the newcomer who arrives then
+    would wait for those exits: loadtest/BENCHMARK.md, "Mass departure"), and
+    churn does not start a thread per connection. At rest: one thread per
+    connected client.
+
+    The accept loop hands clients out (serve); a waiting reader sits in
+    `_waiting` until serve() takes it out or its wait runs out and it takes
+    itself out. Single dict operations are atomic under the GIL, so whoever
+    takes a reader out owns it: no lock for thousands of readers to queue on."""
+
+    def __init__(self):
+        self._waiting = {}  # _WaitingReader -> None, the newest last
+        self._closed = False
+
+    def serve(self, client):
+        """Run `client`'s reads on the newest waiting reader, or on a new
+        thread (RuntimeError: none can be started). _thread, not
+        threading.Thread: Thread.start() waits until the new thread has run,
+        which behind a herd of readers waiting for the GIL is a wait for the
+        whole herd. Nothing joins a reader: the server waits for the Sender to
+        close each client's socket."""
+        try:
+            reader = self._waiting.popitem()[0]
+        except KeyError:
+            _thread.start_new_thread(self._run, (client,))
+            return
+        reader.hand(client)
+
+    def close(self):
+        """End the waiting readers, and each busy one when its client leaves."""
+        self._closed = True
+        while self._waiting:
+            try:
+                reader = self._waiting.popitem()[0]
+            except KeyError:
+                return  # a reader's wait ran out meanwhile
+            reader.hand(None)
+
+    def _run(self, client):
+        _lower_priority()
+        reader = _WaitingReader()
+        while client is not None:
+            client.read_until_gone()
+            client = self._next_client(reader)
+
+    def _next_client(self, reader):
+        if self._closed:
+            return None
+        self._waiting[reader] = None
+        if self._closed and self._waiting.pop(reader, False) is None:
+            return None  # close() ran while this one was joining the wait
+        if reader.ready.acquire(timeout=READER_LINGER * (1 + random.random())):
+            return reader.client
+        if self._waiting.pop(reader, False) is None:
+            return None  # nobody took it out: it ends
+        reader.ready.acquire()  # serve() or close() took it out: a hand() is on its way
+        return reader.client
+
+
+class _WaitingReader:
+    """A reader thread between clients: hand() gives it the next one (None: end)."""
+
+    __slots__ = ("ready", "client")
+
+    def __init__(self):
+        self.ready = _thread.allocate_lock()
+        self.ready.acquire()  # locked except while a client is being handed over
+        self.client = None
+
+    def hand(self, client):
+        self.client = client
+        self.ready.release()
 
 
 class Sender:
@@ -792,6 +874,7 @@ class ChatServer:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()  # no accept loop is running yet
+        self._readers = Readers()
         self._sender = Sender(outbound_budget, self._closed)
         self._sender.start()
 
@@ -975,6 +1058,7 @@ class ChatServer:
         deadline = time.monotonic() + SHUTDOWN_GRACE
         if self._backbone is not None:
             self._backbone.stop()
+        self._readers.close()
         with self._lock:
             count = len(self._clients)
         if count:
@@ -1013,9 +1097,28 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
             self.dropped += 1
 
 
+class _BatchedStreamHandler(logging.StreamHandler):
+    """A StreamHandler that leaves flushing to the LogWriter: once per batch of
+    lines, not once per line (a thousand departures log a thousand lines, and
+    each flush is a system call that hands the GIL on)."""
+
+    def flush(self):
+        pass  # see flush_batch()
+
+    def flush_batch(self, last_record):
+        self.acquire()
+        try:
+            self.stream.flush()
+        except Exception:
+            self.handleError(last_record)  # as emit() does: the stream is gone
+        finally:
+            self.release()
+
+
 class LogWriter:
     """The one thread that writes log lines (stdout for the transcript, stderr
-    for problems), so a stalled terminal or pipe stalls only this thread."""
+    for problems), so a stalled terminal or pipe stalls only this thread.
+    Whatever is queued when it wakes goes out together, with one flush."""
 
     def __init__(self, handlers):
         self.records = queue.Queue(LOG_QUEUE_LINES)
@@ -1024,13 +1127,25 @@ class LogWriter:
         self._thread.start()
 
     def _run(self):
-        while True:
-            record = self.records.get()
-            if record is None:
-                return
+        records = self.records
+        running = True
+        while running:
+            batch = [records.get()]
+            try:
+                while len(batch) < LOG_BATCH_LINES:
+                    batch.append(records.get_nowait())
+            except queue.Empty:
+                pass
+            for record in batch:
+                if record is None:  # close(): nothing is queued after it
+                    running = False
+                    break
+                for handler in self._handlers:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+            last = batch[-1] if batch[-1] is not None else batch[-2] if len(batch) > 1 else None
             for handler in self._handlers:
-                if record.levelno >= handler.level:
-                    handler.handle(record)
+                handler.flush_batch(last)
 
     def close(self, timeout):
         """Let queued lines out, at most `timeout` seconds. False: output is stalled."""
@@ -1055,10 +1170,16 @@ def configure_logging():
     written by a LogWriter. Returns the LogWriter."""
     global _log_handler
     formatter = logging.Formatter("%(message)s")
-    out = logging.StreamHandler(sys.stdout)
+    # Our lines are bare messages: no LogRecord needs the thread's name (and
+    # asking threading for it from a reader, a _thread thread, would invent
+    # a dummy Thread object for it).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    out = _BatchedStreamHandler(sys.stdout)
     out.setFormatter(formatter)
     out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err = logging.StreamHandler(sys.stderr)
+    err = _BatchedStreamHandler(sys.stderr)
     err.setFormatter(formatter)
     err.setLevel(logging.WARNING)
     writer = LogWriter([out, err])

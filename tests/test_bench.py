@@ -7,6 +7,7 @@ proven by the benchmark itself (loadtest/BENCHMARK.md), not by unit tests."""
 import hashlib
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -211,3 +212,26 @@ def test_a_bad_previous_commit_is_one_line_and_no_traceback():
 def test_overload_alone_needs_a_rate():
     done = run_bench("--smoke", "--only", "overload")
     assert done.returncode == 2 and "--overload-rate" in done.stderr and "Traceback" not in done.stderr
+
+
+DEPARTURE = ROOT / "loadtest" / "bench_departure.py"
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("scenario, pattern", [
+    ("departure", r"^project: 50 leave, newcomer after 0 s: \d+\.\d{3} s \(median \d+\.\d{3}, max \d+\.\d{3}\)$"),
+    ("sigterm", r"^project: SIGTERM with 50 clients: \d+\.\d\d s \(exit 0\)$"),
+])
+def test_the_departure_benchmark_runs_end_to_end(scenario, pattern):
+    done = subprocess.run([sys.executable, str(DEPARTURE), "--scenario", scenario, "--clients", "50",
+                           "--runs", "1"], capture_output=True, text=True, timeout=80,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.match(pattern, done.stdout.strip()), done.stdout
+
+
+def test_the_departure_benchmark_refuses_unbounded_runs():
+    done = subprocess.run([sys.executable, str(DEPARTURE), "--clients", "100000"],
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert done.returncode == 2 and "--clients must be 1-20000" in done.stderr
+    assert "Traceback" not in done.stderr
