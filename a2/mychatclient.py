@@ -62,6 +62,10 @@ STALL_LIMIT = 0.5  # seconds a write may wait, while leaving, before we stop wai
 QUEUE_LIMIT = 200  # writes typed ahead of the sender (10 s of sending at SEND_GAP); more waits
 EXIT_COMMAND = "exit"
 MAX_UNFINISHED = 4096  # characters of a line without newline held before showing it anyway
+# Once a server has ended a line with a newline, an unfinished line is
+# probably cut by TCP, its rest on the way: wait this long for more before
+# showing it as it is (servers that never send a newline: no wait).
+REST_OF_LINE_WAIT = 0.2
 WAKE_RETRY = 0.05  # seconds between SIGINTs to the main thread, see Interrupter
 
 # Escape sequences, then every control character except TAB and newline:
@@ -289,6 +293,7 @@ class ChatClient:
     def _receive_loop(self):
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         partial = ""
+        rest_wait = 0.0  # REST_OF_LINE_WAIT once the server has sent a newline
         try:
             while True:
                 data = self.sock.recv(BUFSIZE)
@@ -297,11 +302,14 @@ class ChatClient:
                 text = partial + sanitize(decoder.decode(data))
                 lines = text.split("\n")
                 partial = lines.pop()
+                if lines:
+                    rest_wait = REST_OF_LINE_WAIT
                 # Servers that send no newline end each relay with the write:
-                # an unfinished line is complete once nothing more is waiting,
-                # or once it is long (a line that never ends still shows, in
-                # pieces, and costs bounded memory).
-                if partial and (len(partial) >= MAX_UNFINISHED or not _readable_now(self.sock)):
+                # an unfinished line is complete once nothing more is waiting
+                # (for a server that sends newlines: nothing within
+                # REST_OF_LINE_WAIT), or once it is long (a line that never
+                # ends still shows, in pieces, and costs bounded memory).
+                if partial and (len(partial) >= MAX_UNFINISHED or not _readable_within(self.sock, rest_wait)):
                     lines.append(partial)
                     partial = ""
                 lines = [line for line in lines if line.strip()]
@@ -314,8 +322,8 @@ class ChatClient:
         self._server_gone()
 
 
-def _readable_now(sock):
-    return bool(select.select([sock], [], [], 0)[0])
+def _readable_within(sock, seconds):
+    return bool(select.select([sock], [], [], seconds)[0])
 
 
 def _seconds(text):

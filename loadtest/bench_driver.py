@@ -341,7 +341,7 @@ class Driver:
             # 4. After the send phase: drain until quiet (or the drain deadline).
             if not sending:
                 unsent = any(backlog[i] or partial[i] for i in senders)
-                quiet = time.monotonic_ns() - last_data_ns > 0.5e9
+                quiet = time.monotonic_ns() - last_data_ns > min(0.5, drain / 4) * 1e9  # 0.25 s in --smoke
                 if (quiet and not unsent) or time.monotonic_ns() > t_end + int(drain * 1e9):
                     break
         poller.close()

@@ -15,7 +15,7 @@ FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u2
 FRAME = re.compile(rb"(\d+): ([^\n]*)\n")
 
 
-def soak_seconds(default=10.0):
+def soak_seconds(default=6.0):
     """How long the churn soak runs: CHAT_SOAK_SECONDS (quick runs use e.g. 5)."""
     return float(os.environ.get("CHAT_SOAK_SECONDS", default))
 

@@ -271,6 +271,22 @@ def test_a_flood_of_lines_is_shown_whole_and_the_client_exits(piped_clients):
         assert lines[-2:] == [DISCONNECTED, ""]
 
 
+def test_a_line_cut_by_tcp_is_shown_whole_once_the_server_has_sent_newlines(piped_clients):
+    """The flood above once showed `40092: line 19` and `92`: a segment ended
+    mid-line and nothing more was readable at that instant."""
+    def script(conn):
+        conn.sendall(b"40000: one\n40001: tw")
+        time.sleep(0.05)  # the scenario: the rest of the line comes 50 ms later
+        conn.sendall(b"o\n")
+        conn.close()
+
+    with ScriptedServer(script) as server:
+        client = piped_clients(server.address)
+        assert client.wait_exit(timeout=10) == 0
+        lines = client.output().decode().split("\n")
+        assert lines[1:] == ["40000: one", "40001: two", DISCONNECTED, ""]
+
+
 def test_a_huge_line_without_newline_cannot_hang_the_client(piped_clients):
     size = 8_000_000
 

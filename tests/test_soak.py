@@ -1,4 +1,4 @@
-"""Churn soak: for CHAT_SOAK_SECONDS (default 10; quick runs use e.g. 5)
+"""Churn soak: for CHAT_SOAK_SECONDS (default 6; quick runs use e.g. 5)
 hundreds of clients connect, chat, leave with `exit`, close, or reset, while a
 population of about 60 is connected. Afterwards the server process is back to
 its starting threads and descriptors, its memory is near where it started,
