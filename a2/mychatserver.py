@@ -1058,7 +1058,10 @@ class ChatServer:
         deadline = time.monotonic() + SHUTDOWN_GRACE
         if self._backbone is not None:
             self._backbone.stop()
-        self._readers.close()
+        if wait:
+            # Waiting readers end now. Not for a process about to exit: waking
+            # thousands of them would only compete with the exit for the GIL.
+            self._readers.close()
         with self._lock:
             count = len(self._clients)
         if count:

@@ -152,7 +152,11 @@ def test_4000_leaving_at_once_barely_delays_a_newcomer(server_process):
     newcomer = Peer(server.address)
     started = time.monotonic()
     newcomer.send("first!\n")
-    observer.read_until(lambda got: got.endswith(b"first!\n"), timeout=10)
+    try:
+        observer.read_until(lambda got: got.endswith(b"first!\n"), timeout=10)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the server's stderr: {server.errors[-5:]}; "
+                             f"its last stdout lines: {server.lines[-3:]}") from None
     delay = time.monotonic() - started
     server.wait_for_count(" closed (", 4_000, timeout=30)
     # Issue 11's target (the previous design took 5.6 s).
