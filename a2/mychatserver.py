@@ -463,11 +463,11 @@ class Readers:
     def close(self):
         """End the waiting readers, and each busy one when its client leaves."""
         self._closed = True
-        while self._waiting:
+        while True:
             try:
                 reader = self._waiting.popitem()[0]
             except KeyError:
-                return  # a reader's wait ran out meanwhile
+                return
             reader.hand(None)
 
     def _run(self, client):
@@ -478,11 +478,9 @@ class Readers:
             client = self._next_client(reader)
 
     def _next_client(self, reader):
-        if self._closed:
-            return None
         self._waiting[reader] = None
         if self._closed and self._waiting.pop(reader, False) is None:
-            return None  # close() ran while this one was joining the wait
+            return None  # closed (before or while this one joined the wait)
         if reader.ready.acquire(timeout=READER_LINGER * (1 + random.random())):
             return reader.client
         if self._waiting.pop(reader, False) is None:
@@ -1133,6 +1131,7 @@ class LogWriter:
         records = self.records
         running = True
         while running:
+            last = None  # the batch's last record, for flush_batch()'s error report
             batch = [records.get()]
             try:
                 while len(batch) < LOG_BATCH_LINES:
@@ -1146,7 +1145,7 @@ class LogWriter:
                 for handler in self._handlers:
                     if record.levelno >= handler.level:
                         handler.handle(record)
-            last = batch[-1] if batch[-1] is not None else batch[-2] if len(batch) > 1 else None
+                last = record
             for handler in self._handlers:
                 handler.flush_batch(last)
 

@@ -29,6 +29,8 @@ import threading
 import time
 from pathlib import Path
 
+import bench  # loadtest/bench.py: extract_previous()
+
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 
@@ -124,14 +126,6 @@ def run_sigterm(script, clients):
         server.kill()
 
 
-def previous_script(commit, directory):
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:a2/mychatserver.py"],
-                            check=True, capture_output=True, text=True).stdout
-    path = Path(directory) / f"mychatserver-{commit}.py"
-    path.write_text(source)
-    return path
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,7 +152,11 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as directory:
         relays = [("project", ROOT / "a2" / "mychatserver.py")]
         if args.previous_commit:
-            relays.append((f"at {args.previous_commit}", previous_script(args.previous_commit, directory)))
+            try:
+                bench.extract_previous(args.previous_commit, directory)
+            except RuntimeError as exc:
+                raise SystemExit(str(exc)) from None
+            relays.append((f"at {args.previous_commit}", Path(directory) / "a2" / "mychatserver.py"))
         for name, script in relays:
             if args.scenario == "sigterm":
                 results = [run_sigterm(script, args.clients) for _ in range(args.runs)]
