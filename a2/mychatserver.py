@@ -16,8 +16,13 @@ Who owns what (the hub shape of gorilla/websocket's chat example)
     hands them to the Sender, and when the client leaves it may serve the
     next newcomer (Readers). The Sender is one thread that owns every
     client's outgoing bytes, every send() and every close(), so no two
-    threads ever touch a socket's send side. ChatServer's accept loop admits clients into the
-    registry, which has one lock.
+    threads ever touch a socket's send side. ChatServer's accept loop admits
+    clients into the registry, which has one lock.
+
+Reading order: framing (bytes in, messages out) -> a client's reader -> the
+Sender -> the accept loop and registry -> main. The last section, "running
+thousands of threads under one GIL", holds the reader pool, the log writer
+and the process settings: how the relay runs, not what it does.
 
 Framing rules (why: ../README.md and a2/README.md; measured peer behaviour)
     * A newline (\\n or \\r\\n) ends a message; two lines in one read are two
@@ -36,19 +41,15 @@ Only the Python standard library is used. --metrics-port imports the
 project's metrics/ package and --backbone its cluster/ package, only when given.
 """
 
-# Ctrl-C or SIGTERM may come while the imports below are still running: from
-# the first line on they only note the request (main() acts on it), so no
-# KeyboardInterrupt traceback can escape. Only when run as a program.
+# Ctrl-C or SIGTERM during the imports below is only noted (main() acts on
+# it), so no KeyboardInterrupt traceback can escape. _signal is already loaded.
 if __name__ == "__main__":
-    import _signal  # the signal module's core, already loaded by Python: no file to find
+    import _signal
 
-    _stop_signals = []  # signals received before main() installed its own handler
+    _stop_signals = []  # signals received before main() installed its handler
+    _signal.signal(_signal.SIGINT, lambda signum, frame: _stop_signals.append(signum))
+    _signal.signal(_signal.SIGTERM, lambda signum, frame: _stop_signals.append(signum))
 
-    def _note_stop_signal(signum, frame):
-        _stop_signals.append(signum)
-
-    _signal.signal(_signal.SIGINT, _note_stop_signal)
-    _signal.signal(_signal.SIGTERM, _note_stop_signal)
 
 import _thread
 import argparse
@@ -117,23 +118,6 @@ SOCKET_SEND_BUFFER = 64 * 1024
 SENDER_QUEUE_LIMIT = 64
 FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 
-# A reader whose recv() came back full (1024 bytes: a flood or a paste, more
-# already waiting) pauses this long before going on. Its next recv() would
-# return at once and take the GIL straight back, before the Sender (woken
-# when the GIL was released) could: one flooding client would then make the
-# Sender wait a whole switch interval for every send. It caps one client's
-# input near 10 MB/s; chat lines never fill a read.
-HOT_READER_PAUSE = 0.0001
-
-# Readers run this much "nicer" than the accept loop and the Sender (see
-# _lower_priority); 0 turns it off.
-READER_NICENESS = 5
-
-# A reader thread whose client has left waits this long, times 1 to 2 at
-# random, for a newcomer to serve, then ends (see Readers): ending a thread
-# costs far more than waking one (the kernel unmaps its stack), and when
-# thousands end at once that cost falls on whoever arrives then.
-READER_LINGER = 1.0
 
 # Departed clients' sockets the Sender closes per round (see _close_some).
 CLOSES_PER_ROUND = 64
@@ -142,22 +126,6 @@ DEFAULT_MAX_CLIENTS = 10_000  # one process, one small thread per client
 LISTEN_BACKLOG = 1024         # connection bursts of thousands (load tests)
 ACCEPT_BACKOFF = 0.1          # seconds to pause accepting when out of descriptors
 SHUTDOWN_GRACE = 1.5          # seconds to wait for clients' readers on shutdown
-THREAD_STACK_SIZE = 256 * 1024  # our threads recurse little; thousands must fit
-
-# The GIL's switch interval for the server process (Python's default: 5 ms).
-# Every thread waiting for the GIL wakes once per interval to ask for it: when
-# thousands of readers wake at once (a mass departure, shutdown) that herd
-# starves the accept loop and the Sender (loadtest/BENCHMARK.md). Our threads
-# give the GIL up at every socket call, so a longer interval delays none of
-# them otherwise.
-SWITCH_INTERVAL = 0.1
-
-# Log lines waiting for the log writer thread. When stdout or stderr stalls
-# (Ctrl-S, a paused pager, a pipe nobody reads) further lines are dropped and
-# counted, so relaying never waits on log output.
-LOG_QUEUE_LINES = 10_000
-LOG_DRAIN_WAIT = 1.0  # seconds to let queued lines out when stopping
-LOG_BATCH_LINES = 1_000  # lines the log writer writes per flush, at most
 
 # Relay latency histogram (seconds): the time from a read's arrival to its
 # frames having been sent, or queued, to every recipient by the Sender.
@@ -172,6 +140,8 @@ DISCONNECT_REASONS = ("exit", "closed", "error", "slow_consumer", "rejected", "s
 ACCEPT_ERRORS = {errno.EMFILE: "emfile", errno.ENFILE: "enfile",
                  errno.ENOBUFS: "enobufs", errno.ENOMEM: "enomem"}
 ACCEPT_ERROR_REASONS = (*ACCEPT_ERRORS.values(), "other")
+
+# --- Framing: bytes in, messages out (no I/O) ----------------------------------------------
 
 # Escape sequences (CSI, OSC, DCS/SOS/PM/APC strings, two-character escapes)
 # and then every remaining C0/C1 control except TAB, the Unicode line and
@@ -324,7 +294,6 @@ class MessageFramer:
             messages.extend(split_utf8(text))
 
 
-
 def send_frames(sock, data, flags=0):
     """Send `data` (whole frames, each <= 1024 bytes, or a frame's tail first) as
     sends of at most 1024 bytes, each cut after a newline so that it carries
@@ -343,15 +312,7 @@ def send_frames(sock, data, flags=0):
     return pos
 
 
-def _lower_priority():
-    """Give the calling thread (a reader) a lower scheduling priority than the
-    accept loop and the Sender, so that when thousands of readers wake at once
-    the kernel wakes those two first when the GIL is handed on."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
-    except (AttributeError, OSError):
-        pass  # not Linux, or not allowed: only the tie-break is lost
-
+# --- A client's reader: the only caller of recv() on its socket ----------------------------
 
 def _input_waiting(sock):
     """True if the socket has input (or EOF) to read right now."""
@@ -428,81 +389,7 @@ class ClientConnection:
             self.server.depart(self, reason)
 
 
-class Readers:
-    """The reader threads. One serves one client at a time, from its arrival
-    to its departure; then it waits up to READER_LINGER (x 1-2) for the next
-    newcomer and ends if none comes. So when thousands leave at once they do
-    not also end thousands of threads at once (the newcomer who arrives then
-    would wait for those exits: loadtest/BENCHMARK.md, "Mass departure"), and
-    churn does not start a thread per connection. At rest: one thread per
-    connected client.
-
-    The accept loop hands clients out (serve); a waiting reader sits in
-    `_waiting` until serve() takes it out or its wait runs out and it takes
-    itself out. Single dict operations are atomic under the GIL, so whoever
-    takes a reader out owns it: no lock for thousands of readers to queue on."""
-
-    def __init__(self):
-        self._waiting = {}  # _WaitingReader -> None, the newest last
-        self._closed = False
-
-    def serve(self, client):
-        """Run `client`'s reads on the newest waiting reader, or on a new
-        thread (RuntimeError: none can be started). _thread, not
-        threading.Thread: Thread.start() waits until the new thread has run,
-        which behind a herd of readers waiting for the GIL is a wait for the
-        whole herd. Nothing joins a reader: the server waits for the Sender to
-        close each client's socket."""
-        try:
-            reader = self._waiting.popitem()[0]
-        except KeyError:
-            _thread.start_new_thread(self._run, (client,))
-            return
-        reader.hand(client)
-
-    def close(self):
-        """End the waiting readers, and each busy one when its client leaves."""
-        self._closed = True
-        while True:
-            try:
-                reader = self._waiting.popitem()[0]
-            except KeyError:
-                return
-            reader.hand(None)
-
-    def _run(self, client):
-        _lower_priority()
-        reader = _WaitingReader()
-        while client is not None:
-            client.read_until_gone()
-            client = self._next_client(reader)
-
-    def _next_client(self, reader):
-        self._waiting[reader] = None
-        if self._closed and self._waiting.pop(reader, False) is None:
-            return None  # closed (before or while this one joined the wait)
-        if reader.ready.acquire(timeout=READER_LINGER * (1 + random.random())):
-            return reader.client
-        if self._waiting.pop(reader, False) is None:
-            return None  # nobody took it out: it ends
-        reader.ready.acquire()  # serve() or close() took it out: a hand() is on its way
-        return reader.client
-
-
-class _WaitingReader:
-    """A reader thread between clients: hand() gives it the next one (None: end)."""
-
-    __slots__ = ("ready", "client")
-
-    def __init__(self):
-        self.ready = _thread.allocate_lock()
-        self.ready.acquire()  # locked except while a client is being handed over
-        self.client = None
-
-    def hand(self, client):
-        self.client = client
-        self.ready.release()
-
+# --- The Sender: the only caller of send() and close() --------------------------------------
 
 class Sender:
     """The one thread that sends: it owns every client's outbox, every send()
@@ -527,8 +414,12 @@ class Sender:
         # path: a lock shared by thousands of readers is a convoy under the
         # GIL (see BENCHMARK.md, "Mass departure").
         # _idle: the Sender is (about to be) waiting in select(); a producer
-        # that sees it set wakes it through the socketpair. The Condition is
-        # only for readers paused by back-pressure (_paused of them).
+        # that sees it set wakes it through the socketpair. Two writers, on
+        # purpose: the Sender sets it, the first producer to see it clears it
+        # so that the others do not write a wake-up byte too. Each store is
+        # atomic under the GIL; a lost race costs one spare wake-up byte,
+        # which the Sender drains. The Condition is only for readers paused
+        # by back-pressure (_paused of them).
         self._queue = collections.deque()
         self._idle = False
         self._stopped = False
@@ -839,6 +730,8 @@ class Sender:
         self._wake_sender.close()
 
 
+# --- The accept loop and the registry ------------------------------------------------------
+
 class ChatServer:
     """The relay: listens, keeps the registry of clients, runs the Sender.
 
@@ -1080,119 +973,7 @@ class ChatServer:
         self._accept_wake_sender.close()
 
 
-# --- logging: one writer thread, never blocking the relay -----------------------------
-
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Queues records for the log writer; drops (and counts) instead of waiting
-    when the queue is full. Handler.handle() holds the handler's lock around
-    enqueue(), so `dropped` is counted exactly."""
-
-    def __init__(self, records):
-        super().__init__(records)
-        self.dropped = 0
-
-    def enqueue(self, record):
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-
-
-class _BatchedStreamHandler(logging.StreamHandler):
-    """A StreamHandler that leaves flushing to the LogWriter: once per batch of
-    lines, not once per line (a thousand departures log a thousand lines, and
-    each flush is a system call that hands the GIL on)."""
-
-    def flush(self):
-        pass  # see flush_batch()
-
-    def flush_batch(self, last_record):
-        self.acquire()
-        try:
-            self.stream.flush()
-        except Exception:
-            self.handleError(last_record)  # as emit() does: the stream is gone
-        finally:
-            self.release()
-
-
-class LogWriter:
-    """The one thread that writes log lines (stdout for the transcript, stderr
-    for problems), so a stalled terminal or pipe stalls only this thread.
-    Whatever is queued when it wakes goes out together, with one flush."""
-
-    def __init__(self, handlers):
-        self.records = queue.Queue(LOG_QUEUE_LINES)
-        self._handlers = handlers
-        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        records = self.records
-        running = True
-        while running:
-            last = None  # the batch's last record, for flush_batch()'s error report
-            batch = [records.get()]
-            try:
-                while len(batch) < LOG_BATCH_LINES:
-                    batch.append(records.get_nowait())
-            except queue.Empty:
-                pass
-            for record in batch:
-                if record is None:  # close(): nothing is queued after it
-                    running = False
-                    break
-                for handler in self._handlers:
-                    if record.levelno >= handler.level:
-                        handler.handle(record)
-                last = record
-            for handler in self._handlers:
-                handler.flush_batch(last)
-
-    def close(self, timeout):
-        """Let queued lines out, at most `timeout` seconds. False: output is stalled."""
-        try:
-            self.records.put(None, timeout=timeout)
-        except queue.Full:
-            return False
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-
-_log_handler = None  # the installed _DroppingQueueHandler, see configure_logging()
-
-
-def log_lines_dropped():
-    return 0 if _log_handler is None else _log_handler.dropped
-
-
-def configure_logging():
-    """Program output (the assignment's lines) on stdout, problems on stderr,
-    both as bare messages so the transcript matches the assignment exactly,
-    written by a LogWriter. Returns the LogWriter."""
-    global _log_handler
-    formatter = logging.Formatter("%(message)s")
-    # Our lines are bare messages: no LogRecord needs the thread's name (and
-    # asking threading for it from a reader, a _thread thread, would invent
-    # a dummy Thread object for it).
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    out = _BatchedStreamHandler(sys.stdout)
-    out.setFormatter(formatter)
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err = _BatchedStreamHandler(sys.stderr)
-    err.setFormatter(formatter)
-    err.setLevel(logging.WARNING)
-    writer = LogWriter([out, err])
-    _log_handler = _DroppingQueueHandler(writer.records)
-    log.handlers[:] = [_log_handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    return writer
-
-
-# --- command line ------------------------------------------------------------------
+# --- Command line and main -------------------------------------------------------------------
 
 def _positive_int(text):
     value = int(text)
@@ -1325,8 +1106,7 @@ def main(argv=None):
     stop_requested += globals().get("_stop_signals", ())  # any that came during the imports
     args = parse_args(argv)
     writer = configure_logging()
-    threading.stack_size(THREAD_STACK_SIZE)
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    apply_process_settings()
     try:
         server = ChatServer(args.host, args.port, max_clients=args.max_clients,
                             outbound_budget=args.outbound_budget, quiet=args.quiet)
@@ -1357,6 +1137,258 @@ def main(argv=None):
         # the interpreter cannot flush a stream a thread is blocked writing).
         os._exit(0)
     return 0
+
+
+# --- Running thousands of threads under one GIL ------------------------------------------
+#
+# Everything above is the relay. What follows is what it takes to run it as one
+# thread per client, thousands of them, in one CPython process: the pool of
+# reader threads, the log writer (so that no relay waits on a terminal), and
+# every process-wide setting, applied by apply_process_settings(), which main()
+# and the tests' in-process servers both call. Each knob says what it pairs
+# with and where it was measured (bench/BENCHMARK.md).
+
+# A reader whose recv() came back full (1024 bytes: a flood or a paste, more
+# already waiting) pauses this long before going on. Its next recv() would
+# return at once and take the GIL straight back, before the Sender (woken
+# when the GIL was released) could: one flooding client would then make the
+# Sender wait a whole switch interval for every send. It caps one client's
+# input near 10 MB/s; chat lines never fill a read. Pairs with SWITCH_INTERVAL:
+# BENCHMARK.md, "One flooding client and the GIL".
+HOT_READER_PAUSE = 0.0001
+
+# The GIL's switch interval (Python's default: 5 ms). Every thread waiting for
+# the GIL wakes once per interval to ask for it: when thousands of readers wake
+# at once (a mass departure, shutdown) that herd starves the accept loop and
+# the Sender (BENCHMARK.md, "Mass departure"). Alone it makes a busy reader
+# hold the GIL longer (a flood's room p99 1,952 ms, against 1,354 ms at 5 ms):
+# it pays only with HOT_READER_PAUSE (p99 1.2 ms), which hands the GIL on.
+SWITCH_INTERVAL = 0.1
+
+# Readers run this much "nicer" than the accept loop and the Sender (see
+# _lower_priority); 0 turns it off.
+READER_NICENESS = 5
+
+# A reader thread whose client has left waits this long, times 1 to 2 at
+# random, for a newcomer to serve, then ends (see Readers): ending a thread
+# costs far more than waking one (the kernel unmaps its stack), and when
+# thousands end at once that cost falls on whoever arrives then.
+READER_LINGER = 1.0
+
+# Our threads recurse little; 10,000 of them must fit in memory.
+THREAD_STACK_SIZE = 256 * 1024
+
+# Log lines waiting for the log writer thread. When stdout or stderr stalls
+# (Ctrl-S, a paused pager, a pipe nobody reads) further lines are dropped and
+# counted, so relaying never waits on log output.
+LOG_QUEUE_LINES = 10_000
+LOG_DRAIN_WAIT = 1.0  # seconds to let queued lines out when stopping
+LOG_BATCH_LINES = 1_000  # lines the log writer writes per flush, at most
+
+
+def apply_process_settings():
+    """The process-wide settings the relay is measured with. Called by main()
+    and by the tests' in-process servers, so both run the same relay."""
+    threading.stack_size(THREAD_STACK_SIZE)
+    sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+def _lower_priority():
+    """Give the calling thread (a reader) a lower scheduling priority than the
+    accept loop and the Sender, so that when thousands of readers wake at once
+    the kernel wakes those two first when the GIL is handed on."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
+    except (AttributeError, OSError):
+        pass  # not Linux, or not allowed: only the tie-break is lost
+
+
+class Readers:
+    """The reader threads. One serves one client at a time, from its arrival
+    to its departure; then it waits up to READER_LINGER (x 1-2) for the next
+    newcomer and ends if none comes. So when thousands leave at once they do
+    not also end thousands of threads at once (the newcomer who arrives then
+    would wait for those exits: loadtest/BENCHMARK.md, "Mass departure"), and
+    churn does not start a thread per connection. At rest: one thread per
+    connected client.
+
+    The accept loop hands clients out (serve); a waiting reader sits in
+    `_waiting` until serve() takes it out or its wait runs out and it takes
+    itself out. Single dict operations are atomic under the GIL, so whoever
+    takes a reader out owns it: no lock for thousands of readers to queue on."""
+
+    def __init__(self):
+        self._waiting = {}  # _WaitingReader -> None, the newest last
+        self._closed = False
+
+    def serve(self, client):
+        """Run `client`'s reads on the newest waiting reader, or on a new
+        thread (RuntimeError: none can be started). _thread, not
+        threading.Thread: Thread.start() waits until the new thread has run,
+        which behind a herd of readers waiting for the GIL is a wait for the
+        whole herd. Nothing joins a reader: the server waits for the Sender to
+        close each client's socket."""
+        try:
+            reader = self._waiting.popitem()[0]
+        except KeyError:
+            _thread.start_new_thread(self._run, (client,))
+            return
+        reader.hand(client)
+
+    def close(self):
+        """End the waiting readers, and each busy one when its client leaves."""
+        self._closed = True
+        while True:
+            try:
+                reader = self._waiting.popitem()[0]
+            except KeyError:
+                return
+            reader.hand(None)
+
+    def _run(self, client):
+        _lower_priority()
+        reader = _WaitingReader()
+        while client is not None:
+            client.read_until_gone()
+            client = self._next_client(reader)
+
+    def _next_client(self, reader):
+        self._waiting[reader] = None
+        if self._closed and self._waiting.pop(reader, False) is None:
+            return None  # closed (before or while this one joined the wait)
+        if reader.ready.acquire(timeout=READER_LINGER * (1 + random.random())):
+            return reader.client
+        if self._waiting.pop(reader, False) is None:
+            return None  # nobody took it out: it ends
+        reader.ready.acquire()  # serve() or close() took it out: a hand() is on its way
+        return reader.client
+
+
+class _WaitingReader:
+    """A reader thread between clients: hand() gives it the next one (None: end)."""
+
+    __slots__ = ("ready", "client")
+
+    def __init__(self):
+        self.ready = _thread.allocate_lock()
+        self.ready.acquire()  # locked except while a client is being handed over
+        self.client = None
+
+    def hand(self, client):
+        self.client = client
+        self.ready.release()
+
+
+# --- logging: one writer thread, never blocking the relay -----------------------------
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Queues records for the log writer; drops (and counts) instead of waiting
+    when the queue is full. Handler.handle() holds the handler's lock around
+    enqueue(), so `dropped` is counted exactly."""
+
+    def __init__(self, records):
+        super().__init__(records)
+        self.dropped = 0
+
+    def enqueue(self, record):
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _BatchedStreamHandler(logging.StreamHandler):
+    """A StreamHandler that leaves flushing to the LogWriter: once per batch of
+    lines, not once per line (a thousand departures log a thousand lines, and
+    each flush is a system call that hands the GIL on)."""
+
+    def flush(self):
+        pass  # see flush_batch()
+
+    def flush_batch(self, last_record):
+        self.acquire()
+        try:
+            self.stream.flush()
+        except Exception:
+            self.handleError(last_record)  # as emit() does: the stream is gone
+        finally:
+            self.release()
+
+
+class LogWriter:
+    """The one thread that writes log lines (stdout for the transcript, stderr
+    for problems), so a stalled terminal or pipe stalls only this thread.
+    Whatever is queued when it wakes goes out together, with one flush."""
+
+    def __init__(self, handlers):
+        self.records = queue.Queue(LOG_QUEUE_LINES)
+        self._handlers = handlers
+        self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        records = self.records
+        running = True
+        while running:
+            last = None  # the batch's last record, for flush_batch()'s error report
+            batch = [records.get()]
+            try:
+                while len(batch) < LOG_BATCH_LINES:
+                    batch.append(records.get_nowait())
+            except queue.Empty:
+                pass
+            for record in batch:
+                if record is None:  # close(): nothing is queued after it
+                    running = False
+                    break
+                for handler in self._handlers:
+                    if record.levelno >= handler.level:
+                        handler.handle(record)
+                last = record
+            for handler in self._handlers:
+                handler.flush_batch(last)
+
+    def close(self, timeout):
+        """Let queued lines out, at most `timeout` seconds. False: output is stalled."""
+        try:
+            self.records.put(None, timeout=timeout)
+        except queue.Full:
+            return False
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+
+_log_handler = None  # the installed _DroppingQueueHandler, see configure_logging()
+
+
+def log_lines_dropped():
+    return 0 if _log_handler is None else _log_handler.dropped
+
+
+def configure_logging():
+    """Program output (the assignment's lines) on stdout, problems on stderr,
+    both as bare messages so the transcript matches the assignment exactly,
+    written by a LogWriter. Returns the LogWriter."""
+    global _log_handler
+    formatter = logging.Formatter("%(message)s")
+    # Our lines are bare messages: no LogRecord needs the thread's name (and
+    # asking threading for it from a reader, a _thread thread, would invent
+    # a dummy Thread object for it).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    out = _BatchedStreamHandler(sys.stdout)
+    out.setFormatter(formatter)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = _BatchedStreamHandler(sys.stderr)
+    err.setFormatter(formatter)
+    err.setLevel(logging.WARNING)
+    writer = LogWriter([out, err])
+    _log_handler = _DroppingQueueHandler(writer.records)
+    log.handlers[:] = [_log_handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return writer
 
 
 if __name__ == "__main__":

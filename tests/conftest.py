@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from a2.mychatserver import ChatServer
+from a2.mychatserver import ChatServer, apply_process_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = ROOT / "a2" / "mychatserver.py"
@@ -60,7 +60,9 @@ def hang_up(sock):
 
 @contextlib.contextmanager
 def running_server(**kwargs):
-    """A real ChatServer on 127.0.0.1:<free port>, serving from a thread."""
+    """A real ChatServer on 127.0.0.1:<free port>, serving from a thread,
+    with the process settings the program runs with."""
+    apply_process_settings()
     kwargs.setdefault("quiet", True)
     server = ChatServer(LOOPBACK, 0, **kwargs)
     thread = threading.Thread(target=server.serve_forever, name="test-server", daemon=True)
