@@ -123,6 +123,42 @@ FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 CLOSES_PER_ROUND = 64
 
 DEFAULT_MAX_CLIENTS = 10_000  # one process, one small thread per client
+
+# --- Strangers: no host, client or attack may take the whole server. Anchors,
+# by their own defaults: ergo (16 connections per IP, localhost exempt;
+# "fakelag": burst 5, then 2 lines/s, delayed, never dropped), InspIRCd
+# (localmax 3; 1 line/s past 20), UnrealIRCd (maxperip 3, connect-flood 3:60),
+# Redis 7 (maxmemory-clients: one budget for all clients' buffers).
+
+# Connections one host (an IPv4 address, an IPv6 /64) may hold: ergo's 16, so
+# that a classroom behind one NAT fits; 0 = no limit.
+DEFAULT_MAX_PER_HOST = 16
+# New connections per second per host once its burst (the per-host limit: a
+# host may open all its connections at once) is spent; 0 = no limit. Far
+# looser than UnrealIRCd's 3 per minute: chat clients reconnect after a drop.
+DEFAULT_MAX_CONNECT_RATE = 2.0
+# Hosts with no per-host limits: this machine, so that Locust and the
+# benchmark keep working. IPv4-mapped IPv6 addresses count as IPv4.
+DEFAULT_EXEMPT_HOSTS = "127.0.0.0/8,::1"
+IPV6_HOST_PREFIX = 64  # one IPv6 customer gets a /64: that is one host
+
+# Flood control: a client sending more than this many messages per second,
+# after a burst, is not read until its budget allows; TCP back-pressure then
+# slows it down. Nothing it sent is dropped. 20/s and a burst of 100 are far
+# above a human typing or pasting a screenful, and a default Locust user
+# (1 message/s); 0 = off.
+DEFAULT_MAX_RATE = 20.0
+DEFAULT_MAX_BURST = 100
+THROTTLE_CHECK = 0.1  # seconds: a throttled reader looks this often whether it was closed
+
+# One budget for the bytes waiting in all clients' outboxes together. Past
+# it, the slow consumers with the largest outboxes are dropped first, down to
+# MEMORY_LOW_WATER of it (one sort frees room for many rounds, not one).
+# 256 MiB: a thousand clients at their full outbound budget.
+DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
+MEMORY_LOW_WATER = 0.875
+
+REFUSAL_REASONS = ("full", "per_host", "connect_rate")
 LISTEN_BACKLOG = 1024         # connection bursts of thousands (load tests)
 ACCEPT_BACKOFF = 0.1          # seconds to pause accepting when out of descriptors
 SHUTDOWN_GRACE = 1.5          # seconds to wait for clients' readers on shutdown
@@ -133,15 +169,15 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 # Why a connection ended; the metrics' `reason` label takes exactly these.
-DISCONNECT_REASONS = ("exit", "closed", "error", "slow_consumer", "rejected", "shutdown",
-                      "backbone_gap")
+DISCONNECT_REASONS = ("exit", "closed", "error", "slow_consumer", "memory_budget", "rejected",
+                      "shutdown", "backbone_gap")
 
 # accept() failures, by errno; the metrics' `reason` label takes exactly these.
 ACCEPT_ERRORS = {errno.EMFILE: "emfile", errno.ENFILE: "enfile",
                  errno.ENOBUFS: "enobufs", errno.ENOMEM: "enomem"}
 ACCEPT_ERROR_REASONS = (*ACCEPT_ERRORS.values(), "other")
 
-# --- Framing: bytes in, messages out (no I/O) ----------------------------------------------
+# --- Framing and rate limiting: pure, no I/O ----------------------------------------------
 
 # Escape sequences (CSI, OSC, DCS/SOS/PM/APC strings, two-character escapes)
 # and then every remaining C0/C1 control except TAB, the Unicode line and
@@ -294,6 +330,34 @@ class MessageFramer:
             messages.extend(split_utf8(text))
 
 
+class TokenBucket:
+    """`rate` tokens a second, at most `burst` saved up (the classic rate
+    limiter), without I/O: the caller passes the time (time.monotonic())."""
+
+    __slots__ = ("rate", "burst", "tokens", "stamp")
+
+    def __init__(self, rate, burst, now):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, wanted, now):
+        """Take up to `wanted` whole tokens; returns how many were taken."""
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        taken = min(wanted, int(self.tokens))
+        self.tokens -= taken
+        return taken
+
+    def wait(self):
+        """Seconds from the last take() until the next whole token."""
+        return max(0.0, 1.0 - self.tokens) / self.rate
+
+    def is_full(self, now):
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
 def send_frames(sock, data, flags=0):
     """Send `data` (whole frames, each <= 1024 bytes, or a frame's tail first) as
     sends of at most 1024 bytes, each cut after a newline so that it carries
@@ -329,10 +393,11 @@ class ClientConnection:
     socket's send side and its close) belongs to the Sender thread.
     """
 
-    def __init__(self, server, sock, address):
+    def __init__(self, server, sock, address, host_key=None):
         self.server = server
         self.sock = sock
-        self.address = address
+        self.address = address[:2]  # (host, port), for IPv6 too
+        self.host_key = host_key    # its host's per-host count (None: exempt)
         self.port = address[1]
         self.prefix = f"{self.port}: "
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_SEND_BUFFER)
@@ -342,6 +407,9 @@ class ClientConnection:
         # The reader's counters, folded into the server's totals when it leaves.
         self.messages_received = 0
         self.received_bytes = 0
+        self.throttle_pauses = 0
+        self.throttled_seconds = 0.0
+        self.throttled = False  # paused by flood control right now (read by stats())
         # The Sender's: bytes this client's socket refused, waiting to be sent
         # (never more than the outbound budget), and why the Sender closed it.
         self.outbox = bytearray()
@@ -354,6 +422,8 @@ class ClientConnection:
     def read_until_gone(self):
         """The reader's work for this client: read, frame, relay; depart."""
         framer = MessageFramer()
+        max_rate = self.server.max_rate
+        bucket = TokenBucket(max_rate, self.server.max_burst, time.monotonic()) if max_rate else None
         reason = "closed"
         try:
             while True:
@@ -375,7 +445,10 @@ class ClientConnection:
                     messages += framer.end_of_burst()
                 if messages:
                     self.messages_received += len(messages)
-                    self.server.relay(self, messages, arrived)
+                    if bucket is None:
+                        self.server.relay(self, messages, arrived)
+                    else:
+                        self._relay_paced(messages, arrived, bucket)
                 if framer.exit_requested:
                     reason = "exit"
                     break
@@ -387,6 +460,33 @@ class ClientConnection:
                 log.warning("Connection from %s failed: %s", self.address, exc.strerror or exc)
         finally:
             self.server.depart(self, reason)
+
+    def _relay_paced(self, messages, arrived, bucket):
+        """Flood control: relay `messages` in order, no faster than the
+        client's budget allows. While it waits, nothing is read from this
+        client, so TCP slows the client down; nothing is dropped, unless the
+        Sender closes the client meanwhile (then there is nobody to tell)."""
+        while True:
+            allowed = bucket.take(len(messages), time.monotonic())
+            if allowed:
+                self.server.relay(self, messages[:allowed], arrived)
+                messages = messages[allowed:]
+                if not messages:
+                    return
+            self.throttle_pauses += 1
+            self.throttled = True
+            started = time.monotonic()
+            ready = started + bucket.wait()
+            while self.close_reason is None:
+                left = ready - time.monotonic()
+                if left <= 0:
+                    break
+                time.sleep(min(THROTTLE_CHECK, left))
+            self.throttled = False
+            self.throttled_seconds += time.monotonic() - started
+            if self.close_reason is not None:
+                return
+            arrived = time.perf_counter()  # the relay's latency starts when it may go
 
 
 # --- The Sender: the only caller of send() and close() --------------------------------------
@@ -406,8 +506,9 @@ class Sender:
     outbox is past the budget has stopped reading: it is dropped.
     """
 
-    def __init__(self, outbound_budget, on_closed):
-        self.outbound_budget = outbound_budget
+    def __init__(self, outbound_budget, on_closed, memory_budget=DEFAULT_MEMORY_BUDGET):
+        self.outbound_budget = outbound_budget  # per client
+        self.memory_budget = memory_budget      # all clients' outboxes together
         self._on_closed = on_closed  # on_closed(client): called once a socket is closed
         # The queue from producers. Appending to a deque and popping from it
         # are atomic under the GIL, so producers take no lock on the common
@@ -438,6 +539,9 @@ class Sender:
         self._closing = set()
         self._to_close = collections.deque()  # ("depart", client, reason) not closed yet
         self.backlogged = set()  # read by stats() as tuple(...) (atomic under the GIL)
+        self.outbox_bytes = 0  # len(outbox) summed over every client (read by stats())
+        self._evicted = []  # dropped for the memory budget, still in the room until the fan-out ends
+        self._freed_bytes = 0  # outbox bytes freed since memory was last given back
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_receiver, selectors.EVENT_READ)
         self.deliveries = 0
@@ -536,6 +640,9 @@ class Sender:
                 if batch and not self._handle(batch):
                     return
                 self._close_some()
+                if self._freed_bytes >= MEMORY_RETURN_BYTES:
+                    self._freed_bytes = 0
+                    release_memory()
         finally:
             self._stop_everything()
 
@@ -635,6 +742,9 @@ class Sender:
                 self.latency_sum += seconds * count
         for client, reason in failed:
             self._drop(client, reason)
+        for client in self._evicted:
+            self._room.pop(client, None)
+        self._evicted.clear()
 
     def _send(self, client, data):
         """Send `data` to `client` now, without blocking; what its socket
@@ -652,18 +762,38 @@ class Sender:
             self.sent_bytes += sent
             if sent == len(data):
                 return None
+            if client.close_reason is not None:
+                return None  # being closed (evicted earlier in this fan-out)
             data = memoryview(data)[sent:]
             self.backlogged.add(client)
             self._selector.register(client.sock, selectors.EVENT_WRITE, client)
         client.outbox += data
+        self.outbox_bytes += len(data)
+        reason = None
         if len(client.outbox) > self.outbound_budget:
             reason = self._send_outbox(client)  # it may have read meanwhile
             if reason is None and len(client.outbox) > self.outbound_budget:
                 log.warning("Dropping %s: more than %d bytes waiting to be sent (slow consumer)",
                             client.address, self.outbound_budget)
                 reason = "slow_consumer"
-            return reason
-        return None
+        if self.outbox_bytes > self.memory_budget:
+            self._evict_largest()
+        return reason
+
+    def _evict_largest(self):
+        """All outboxes together are past the memory budget: drop the slow
+        consumers with the largest outboxes first, until they are under
+        MEMORY_LOW_WATER of it. Their outboxes are freed now; they leave the
+        room when the fan-out that walks it ends."""
+        target = self.memory_budget * MEMORY_LOW_WATER
+        for client in sorted(self.backlogged, key=lambda c: len(c.outbox), reverse=True):
+            if self.outbox_bytes <= target:
+                break
+            log.warning("Dropping %s: %d bytes waiting to be sent, the most of any client, "
+                        "and all clients' together past the memory budget (%d bytes)",
+                        client.address, len(client.outbox), self.memory_budget)
+            self._drop(client, "memory_budget", leave_room=False)
+            self._evicted.append(client)
 
     def _send_outbox(self, client):
         """Send what waits for `client`, without blocking. Returns None, or
@@ -674,6 +804,7 @@ class Sender:
             return self._send_failed(client, exc)
         self.sent_bytes += sent
         del client.outbox[:sent]
+        self.outbox_bytes -= sent
         if not client.outbox:
             self._forget_outbox(client)
         return None
@@ -682,16 +813,21 @@ class Sender:
         if client in self.backlogged:
             self.backlogged.discard(client)
             self._selector.unregister(client.sock)
-        client.outbox = bytearray()
+            self.outbox_bytes -= len(client.outbox)
+            self._freed_bytes += len(client.outbox)
+            client.outbox = bytearray()
 
     @staticmethod
     def _send_failed(client, exc):
+        if client.close_reason is not None:
+            return None  # closing it already: its socket is shut down
         log.warning("Connection from %s failed while sending: %s", client.address, exc.strerror or exc)
         return "error"
 
-    def _drop(self, client, reason):
+    def _drop(self, client, reason, leave_room=True):
         """Stop relaying to `client` and wake its reader, which then departs."""
-        self._room.pop(client, None)
+        if leave_room:
+            self._room.pop(client, None)
         self._forget_outbox(client)
         if client.close_reason is None:
             client.close_reason = reason
@@ -732,6 +868,22 @@ class Sender:
 
 # --- The accept loop and the registry ------------------------------------------------------
 
+def _listen(host, port):
+    """A listening socket on host:port, IPv4 or IPv6 as the host is; "::"
+    (every IPv6 address) also accepts IPv4 clients where the system can."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                flags=socket.AI_PASSIVE)[0][0]
+    dual_stack = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
+    return socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG,
+                                dualstack_ipv6=dual_stack)
+
+
+def parse_networks(text):
+    """"127.0.0.0/8,::1" -> the networks, for --exempt-hosts ("" -> none)."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                 for part in text.split(",") if part.strip())
+
+
 class ChatServer:
     """The relay: listens, keeps the registry of clients, runs the Sender.
 
@@ -742,11 +894,19 @@ class ChatServer:
     """
 
     def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, *, max_clients=DEFAULT_MAX_CLIENTS,
-                 outbound_budget=DEFAULT_OUTBOUND_BUDGET, quiet=False):
+                 outbound_budget=DEFAULT_OUTBOUND_BUDGET, quiet=False,
+                 max_per_host=DEFAULT_MAX_PER_HOST, max_connect_rate=DEFAULT_MAX_CONNECT_RATE,
+                 exempt_hosts=DEFAULT_EXEMPT_HOSTS, max_rate=DEFAULT_MAX_RATE,
+                 max_burst=DEFAULT_MAX_BURST, memory_budget=DEFAULT_MEMORY_BUDGET):
         self.max_clients = max_clients
         self.outbound_budget = outbound_budget
         self.quiet = quiet
-        self._listener = socket.create_server((host, port), backlog=LISTEN_BACKLOG)
+        self.max_per_host = max_per_host          # 0: no limit
+        self.max_connect_rate = max_connect_rate  # 0: no limit
+        self.exempt_hosts = parse_networks(exempt_hosts)
+        self.max_rate = max_rate                  # 0: no flood control
+        self.max_burst = max_burst
+        self._listener = _listen(host, port)
         self.address = self._listener.getsockname()[:2]
         # The accept loop's wake-up: stop_serving() writes, select() returns.
         self._accept_wake_receiver, self._accept_wake_sender = socket.socketpair()
@@ -761,12 +921,15 @@ class ChatServer:
         self._totals = collections.Counter()  # departed clients' reader counters
         self._disconnects = dict.fromkeys(DISCONNECT_REASONS, 0)
         self._accept_errors = dict.fromkeys(ACCEPT_ERROR_REASONS, 0)  # written by the accept loop
+        self._refusals = dict.fromkeys(REFUSAL_REASONS, 0)  # written by the accept loop
+        self._per_host = collections.Counter()  # host key -> open connections (under _lock)
+        self._connect_buckets = {}  # host key -> TokenBucket (the accept loop's alone)
         self._backbone = None
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()  # no accept loop is running yet
         self._readers = Readers()
-        self._sender = Sender(outbound_budget, self._closed)
+        self._sender = Sender(outbound_budget, self._closed, memory_budget)
         self._sender.start()
 
     def __enter__(self):
@@ -813,13 +976,26 @@ class ChatServer:
             self._admit(sock, address)
 
     def _admit(self, sock, address):
+        address = address[:2]
         if len(self._clients) >= self.max_clients:
             log.info("New connection from %s", address)
-            self._reject(sock, address, f"Server full ({self.max_clients} clients). Try again later.\n")
+            self._reject(sock, address, "full", f"Server full ({self.max_clients} clients). Try again later.\n")
             return
-        client = ClientConnection(self, sock, address)
+        host = self._host_key(address[0])
+        if host is not None:
+            if self.max_per_host and self._per_host[host] >= self.max_per_host:
+                self._reject(sock, address, "per_host", "Too many connections from your address "
+                             f"({self.max_per_host}). Try again later.\n")
+                return
+            if self.max_connect_rate and not self._may_connect(host):
+                self._reject(sock, address, "connect_rate", "Connecting too often "
+                             f"(more than {self.max_connect_rate:g} a second). Try again later.\n")
+                return
+        client = ClientConnection(self, sock, address, host)
         with self._lock:
             self._clients.add(client)
+            if host is not None:
+                self._per_host[host] += 1
         self._sender.join(client)
         # Logged once it is in the room: every message relayed after this
         # line reaches it (an operator, or a test, may act on the line).
@@ -830,9 +1006,38 @@ class ChatServer:
             log.warning("Cannot serve %s: %s", address, exc)
             self._sender.depart(client, "rejected")
 
-    def _reject(self, sock, address, notice):
-        """Refuse a newcomer. Its socket never joins the Sender: the accept loop
-        owns it, and its empty send buffer takes the notice without waiting."""
+    def _host_key(self, ip):
+        """The host an address counts against: the IPv4 address, or the IPv6
+        /64 (an IPv4-mapped IPv6 address is IPv4); None for an exempt host."""
+        address = ipaddress.ip_address(ip.split("%")[0])
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if any(address in network for network in self.exempt_hosts):
+            return None
+        if address.version == 4:
+            return address
+        return ipaddress.IPv6Network((address, IPV6_HOST_PREFIX), strict=False)
+
+    def _may_connect(self, host):
+        """Take a token from the host's connection bucket (its burst is the
+        per-host limit: a host may open all its connections at once)."""
+        now = time.monotonic()
+        bucket = self._connect_buckets.get(host)
+        if bucket is None:
+            if len(self._connect_buckets) >= self.max_clients:
+                # Forget the hosts whose buckets are full again: they would
+                # start afresh anyway. Bounds the table whatever the storm.
+                self._connect_buckets = {key: b for key, b in self._connect_buckets.items()
+                                         if not b.is_full(now)}
+            burst = max(self.max_per_host, self.max_connect_rate, 1)
+            bucket = self._connect_buckets[host] = TokenBucket(self.max_connect_rate, burst, now)
+        return bucket.take(1, now) == 1
+
+    def _reject(self, sock, address, reason, notice):
+        """Refuse a newcomer with a one-line notice. Its socket never joins the
+        Sender: the accept loop owns it, and its empty send buffer takes the
+        notice without waiting."""
+        self._refusals[reason] += 1
         log.warning("Refusing %s: %s", address, notice.strip())
         try:
             sock.send(notice.encode(), socket.MSG_DONTWAIT)
@@ -882,8 +1087,14 @@ class ChatServer:
             if client.close_reason != "shutdown":
                 log.info("Connection from %s closed (%s)", client.address, client.close_reason)
             self._clients.discard(client)
+            if client.host_key is not None:
+                self._per_host[client.host_key] -= 1
+                if not self._per_host[client.host_key]:
+                    del self._per_host[client.host_key]
             self._totals["messages_received"] += client.messages_received
             self._totals["received_bytes"] += client.received_bytes
+            self._totals["throttle_pauses"] += client.throttle_pauses
+            self._totals["throttled_seconds"] += client.throttled_seconds
             self._disconnects[client.close_reason] += 1
             if not self._clients:
                 self._all_closed.notify_all()
@@ -899,9 +1110,15 @@ class ChatServer:
         with self._lock:
             received = self._totals["messages_received"]
             received_bytes = self._totals["received_bytes"]
+            throttle_pauses = self._totals["throttle_pauses"]
+            throttled_seconds = self._totals["throttled_seconds"]
+            throttled = 0
             for client in self._clients:
                 received += client.messages_received
                 received_bytes += client.received_bytes
+                throttle_pauses += client.throttle_pauses
+                throttled_seconds += client.throttled_seconds
+                throttled += client.throttled
             clients = len(self._clients)
             disconnects = dict(self._disconnects)
         return {
@@ -914,12 +1131,18 @@ class ChatServer:
             "received_bytes_total": received_bytes,
             "sent_bytes_total": sender.sent_bytes,
             "disconnects_total": disconnects,
-            "outbound_backlog_bytes": sum(backlogs),
+            "outbound_backlog_bytes": sender.outbox_bytes,
             "max_client_backlog_bytes": max(backlogs, default=0),
+            "memory_budget_bytes": sender.memory_budget,
             "accept_errors_total": dict(self._accept_errors),
+            "refused_connections_total": dict(self._refusals),
+            "throttled_clients": throttled,
+            "throttle_pauses_total": throttle_pauses,
+            "throttled_seconds_total": throttled_seconds,
             "flow_control_pauses_total": sender.flow_control_pauses,
             "flow_control_pause_seconds_total": sender.flow_control_pause_seconds,
             "log_lines_dropped_total": log_lines_dropped(),
+            "log_lines_summarised_total": log_lines_summarised(),
             "relay_latency_buckets": LATENCY_BUCKETS,
             "relay_latency_counts": list(sender.latency_counts),  # per bucket, last is +Inf
             "relay_latency_sum": sender.latency_sum,
@@ -982,6 +1205,31 @@ def _positive_int(text):
     return value
 
 
+def _non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _rate(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _networks(text):
+    try:
+        parse_networks(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _port(text):
     value = int(text)
     if not 0 <= value <= 65535:
@@ -1008,6 +1256,27 @@ def parse_args(argv=None):
                         help="disconnect a client whose socket refused data and that has more "
                              "than BYTES waiting to be sent to it, i.e. has stopped reading "
                              "(default: %(default)s)")
+    limits = parser.add_argument_group(
+        "limits for strangers", "Per-host limits do not apply to --exempt-hosts; 0 turns a limit off.")
+    limits.add_argument("--max-per-host", type=_non_negative_int, default=DEFAULT_MAX_PER_HOST,
+                        metavar="N", help="connections one host (IPv4 address, IPv6 /64) may hold "
+                                          "(default: %(default)s)")
+    limits.add_argument("--max-connect-rate", type=_rate, default=DEFAULT_MAX_CONNECT_RATE,
+                        metavar="R", help="new connections per second per host, after a burst of "
+                                          "--max-per-host (default: %(default)s)")
+    limits.add_argument("--exempt-hosts", type=_networks, default=DEFAULT_EXEMPT_HOSTS,
+                        metavar="CIDR,...", help="addresses with no per-host limits; '' exempts "
+                                                 "none (default: %(default)s)")
+    limits.add_argument("--max-rate", type=_rate, default=DEFAULT_MAX_RATE, metavar="R",
+                        help="messages per second per client; a faster client is read no faster, "
+                             "nothing is dropped (default: %(default)s)")
+    limits.add_argument("--max-burst", type=_positive_int, default=DEFAULT_MAX_BURST, metavar="B",
+                        help="messages a client may send at once before --max-rate applies "
+                             "(default: %(default)s)")
+    limits.add_argument("--memory-budget", type=_positive_int, default=DEFAULT_MEMORY_BUDGET,
+                        metavar="BYTES", help="bytes waiting for all clients together; past it the "
+                                              "slow consumers with the most waiting are dropped "
+                                              "(default: %(default)s, 256 MiB)")
     parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
                         help="serve Prometheus metrics on http://HOST:PORT/metrics "
                              "(needs prometheus-client; default: off)")
@@ -1083,6 +1352,11 @@ def _warn_if_exposed(host, what):
         log.warning("Warning: listening on %s: %s reachable from other machines", host, what)
 
 
+def host_port(host, port):
+    """127.0.0.1:12345, or [::1]:12345 for an IPv6 address."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _describe(exc):
     """An OSError as the short text a user expects, e.g. "Address already in use"
     (create_server appends "(while attempting to bind on address ...)")."""
@@ -1109,9 +1383,12 @@ def main(argv=None):
     apply_process_settings()
     try:
         server = ChatServer(args.host, args.port, max_clients=args.max_clients,
-                            outbound_budget=args.outbound_budget, quiet=args.quiet)
+                            outbound_budget=args.outbound_budget, quiet=args.quiet,
+                            max_per_host=args.max_per_host, max_connect_rate=args.max_connect_rate,
+                            exempt_hosts=args.exempt_hosts, max_rate=args.max_rate,
+                            max_burst=args.max_burst, memory_budget=args.memory_budget)
     except OSError as exc:
-        print(f"Cannot listen on {args.host}:{args.port}: {_describe(exc)}", file=sys.stderr)
+        print(f"Cannot listen on {host_port(args.host, args.port)}: {_describe(exc)}", file=sys.stderr)
         return 1
     if stop_requested:
         server.stop_serving()
@@ -1126,7 +1403,7 @@ def main(argv=None):
             exporter.stop()
         return 1
     _warn_if_exposed(server.address[0], "the chat is")
-    log.info("Server listening on %s:%d", *server.address)
+    log.info("Server listening on %s", host_port(*server.address))
     server.serve_forever()
     server.shutdown(wait=False)  # the exit closes what is left
     if exporter is not None:
@@ -1184,13 +1461,38 @@ THREAD_STACK_SIZE = 256 * 1024
 LOG_QUEUE_LINES = 10_000
 LOG_DRAIN_WAIT = 1.0  # seconds to let queued lines out when stopping
 LOG_BATCH_LINES = 1_000  # lines the log writer writes per flush, at most
+# Log floods: of each kind of warning (refusals, resets, drops...), at most
+# LOG_FLOOD_LINES lines per LOG_FLOOD_WINDOW seconds; the rest become one line
+# "... and N more like it". The metrics still count every event.
+LOG_FLOOD_LINES = 5
+LOG_FLOOD_WINDOW = 10.0
+
+
+# The C library keeps freed memory for reuse; once this much outbox memory
+# has been freed (slow consumers dropped, an attack over), the Sender gives
+# it back to the operating system (glibc's malloc_trim), so RSS falls back.
+MEMORY_RETURN_BYTES = 16 * 1024 * 1024
+
+_malloc_trim = None  # glibc's malloc_trim, found by apply_process_settings()
 
 
 def apply_process_settings():
     """The process-wide settings the relay is measured with. Called by main()
     and by the tests' in-process servers, so both run the same relay."""
+    global _malloc_trim
     threading.stack_size(THREAD_STACK_SIZE)
     sys.setswitchinterval(SWITCH_INTERVAL)
+    try:
+        import ctypes
+        _malloc_trim = ctypes.CDLL(None).malloc_trim  # the process's own C library
+    except (ImportError, OSError, AttributeError):
+        pass  # not glibc: freed memory is reused, not returned
+
+
+def release_memory():
+    """Give freed heap memory back to the operating system, where we can."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
 
 
 def _lower_priority():
@@ -1315,32 +1617,85 @@ class _BatchedStreamHandler(logging.StreamHandler):
             self.release()
 
 
+class LogFloodGate:
+    """Shows at most `lines` warnings of one kind (one format string) per
+    `window` seconds from the first; counts the rest and, when the window
+    ends, sums them up in one line. No I/O: the caller passes the time."""
+
+    def __init__(self, lines=LOG_FLOOD_LINES, window=LOG_FLOOD_WINDOW):
+        self.lines = lines
+        self.window = window
+        self.summarised = 0  # lines held back, in total
+        self._kinds = {}  # kind -> [window start, lines shown, lines held back, first line]
+
+    def admit(self, kind, text, now):
+        """True: show this line. False: it is held back, for the summary."""
+        state = self._kinds.get(kind)
+        if state is None:
+            self._kinds[kind] = [now, 1, 0, text]
+            return True
+        if state[1] < self.lines:
+            state[1] += 1
+            return True
+        state[2] += 1
+        self.summarised += 1
+        return False
+
+    def due(self, now):
+        """The summaries of the windows that have ended (and forgets those)."""
+        summaries = []
+        for kind, (start, _, held, text) in list(self._kinds.items()):
+            if now - start >= self.window:
+                del self._kinds[kind]
+                if held:
+                    summaries.append(f"... and {held:,} more like \"{text}\" "
+                                     f"in the last {self.window:g} s")
+        return summaries
+
+    def next_due(self, now):
+        """Seconds until the next window ends (None: no window is open)."""
+        if not self._kinds:
+            return None
+        return max(0.0, min(state[0] for state in self._kinds.values()) + self.window - now)
+
+
 class LogWriter:
     """The one thread that writes log lines (stdout for the transcript, stderr
     for problems), so a stalled terminal or pipe stalls only this thread.
-    Whatever is queued when it wakes goes out together, with one flush."""
+    Whatever is queued when it wakes goes out together, with one flush.
+    Warnings pass its LogFloodGate, so no attack can fill a terminal or a disk."""
 
     def __init__(self, handlers):
         self.records = queue.Queue(LOG_QUEUE_LINES)
+        self.gate = LogFloodGate()
         self._handlers = handlers
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
     def _run(self):
         records = self.records
+        gate = self.gate
         running = True
         while running:
             last = None  # the batch's last record, for flush_batch()'s error report
-            batch = [records.get()]
+            batch = []
             try:
+                batch.append(records.get(timeout=gate.next_due(time.monotonic())))
                 while len(batch) < LOG_BATCH_LINES:
                     batch.append(records.get_nowait())
             except queue.Empty:
                 pass
+            now = time.monotonic()
+            batch[:0] = [logging.makeLogRecord({"msg": summary, "levelno": logging.WARNING,
+                                                "levelname": "WARNING", "summary": True})
+                         for summary in gate.due(now)]
             for record in batch:
                 if record is None:  # close(): nothing is queued after it
                     running = False
                     break
+                if (record.levelno >= logging.WARNING and not hasattr(record, "summary")
+                        and not gate.admit(record.msg, record.getMessage(), now)):
+                    continue
                 for handler in self._handlers:
                     if record.levelno >= handler.level:
                         handler.handle(record)
@@ -1359,17 +1714,22 @@ class LogWriter:
 
 
 _log_handler = None  # the installed _DroppingQueueHandler, see configure_logging()
+_log_writer = None   # the LogWriter, see configure_logging()
 
 
 def log_lines_dropped():
     return 0 if _log_handler is None else _log_handler.dropped
 
 
+def log_lines_summarised():
+    return 0 if _log_writer is None else _log_writer.gate.summarised
+
+
 def configure_logging():
     """Program output (the assignment's lines) on stdout, problems on stderr,
     both as bare messages so the transcript matches the assignment exactly,
     written by a LogWriter. Returns the LogWriter."""
-    global _log_handler
+    global _log_handler, _log_writer
     formatter = logging.Formatter("%(message)s")
     # Our lines are bare messages: no LogRecord needs the thread's name (and
     # asking threading for it from a reader, a _thread thread, would invent
@@ -1383,7 +1743,7 @@ def configure_logging():
     err = _BatchedStreamHandler(sys.stderr)
     err.setFormatter(formatter)
     err.setLevel(logging.WARNING)
-    writer = LogWriter([out, err])
+    writer = _log_writer = LogWriter([out, err])
     _log_handler = _DroppingQueueHandler(writer.records)
     log.handlers[:] = [_log_handler]
     log.setLevel(logging.INFO)
