@@ -8,19 +8,17 @@ library only; each object owns its process and kills it in stop()/kill().
 """
 
 import random
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SERVER_SCRIPT = ROOT / "a2" / "mychatserver.py"
+from relayproc import SERVER_SCRIPT, RelayProcess
+
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT = 10.0  # seconds for redis-server to answer PING / a node to listen
 
@@ -128,77 +126,32 @@ class RedisServer:
         self.stop()
 
 
-class Node:
+class Node(RelayProcess):
     """`python a2/mychatserver.py --port PORT [args] --backbone URL` as a child
-    process; its output lines are collected as they arrive (`lines`)."""
-
-    LISTENING = re.compile(r"Server listening on ([\d.]+):(\d+)")
+    process (relayproc.RelayProcess): its output lines, stderr included, are
+    collected as they arrive (`lines`); `echo(node, line)` sees each one."""
 
     def __init__(self, url, port=0, args=(), echo=None, wait=True):
         command = [sys.executable, str(SERVER_SCRIPT), "--port", str(port), *args]
         if url is not None:  # None: a plain single server (the benchmark's comparison)
             command += ["--backbone", url]
-        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True)  # a terminal's Ctrl-C goes to our owner
-        self.lines = []
-        self._listening = threading.Event()
-        self.address = None
-        self._echo = echo
-        self._reader = threading.Thread(target=self._collect, daemon=True)
-        self._reader.start()
-        if wait:
-            self.wait_listening()
+        super().__init__(command, merge_stderr=True, on_line=echo, wait=wait, timeout=READY_TIMEOUT,
+                         new_session=True)  # a terminal's Ctrl-C goes to our owner
 
     def wait_listening(self, timeout=READY_TIMEOUT):
         """Wait for its "Server listening on HOST:PORT" line; sets `address`."""
-        if not self._listening.wait(timeout) or self.address is None:
-            self.kill()
-            raise RuntimeError("node did not start: " + " | ".join(self.lines[-5:]))
+        super().wait_listening(timeout)
         return self
 
     @property
     def node_id(self):
         """Its backbone node id, from its "Backbone: node ID ..." line."""
-        for line in list(self.lines):
-            match = re.match(r"Backbone: node ([0-9a-f]+) ", line)
-            if match:
-                return match.group(1)
-        return None
-
-    def count(self, text):
-        """How many of its output lines contain `text`."""
-        return sum(text in line for line in list(self.lines))
-
-    def _collect(self):
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            if self._echo is not None:
-                self._echo(self, line)
-            match = self.LISTENING.search(line)
-            if match and self.address is None:
-                self.address = (match.group(1), int(match.group(2)))
-                self._listening.set()
-        self._listening.set()
+        match = self.find(r"^Backbone: node ([0-9a-f]+) ")
+        return match.group(1) if match else None
 
     def stop(self, timeout=5.0):
         """SIGINT (the server's clean shutdown), then kill if it lingers."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join(5)
-        self.proc.stdout.close()
+        super().stop(signal.SIGINT, timeout)
 
 
 def start_nodes(url, count, args=()):

@@ -2,10 +2,8 @@
 and waiting on conditions with deadlines (never sleeping to synchronise)."""
 
 import contextlib
-import re
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from a2.mychatserver import ChatServer, apply_process_settings
+from relayproc import RelayProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_SCRIPT = ROOT / "a2" / "mychatserver.py"
@@ -183,47 +182,14 @@ def peers(server):
         peer.close()
 
 
-class ServerProcess:
-    """`python a2/mychatserver.py` as a real process on a free port. Its stdout
-    and stderr are read line by line as they arrive (`lines`, `errors`), so a
-    test can wait for a log line while the server runs, and a chatty server
-    never blocks on a full pipe."""
-
-    LISTENING = re.compile(r"Server listening on ([\d.]+):(\d+)")
+class ServerProcess(RelayProcess):
+    """`python a2/mychatserver.py` as a real process on a free port
+    (relayproc.RelayProcess: its stdout and stderr are read line by line as
+    they arrive, `lines` and `errors`), with waits that fail the test."""
 
     def __init__(self, *args, python_args=(), env=None, preexec_fn=None):
-        command = [sys.executable, *python_args, str(SERVER_SCRIPT), "--port", "0", *args]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True, env=env,
-                                     preexec_fn=preexec_fn)
-        self.lines, self.errors = [], []
-        self._readers = [threading.Thread(target=self._collect, args=(stream, into), daemon=True)
-                         for stream, into in ((self.proc.stdout, self.lines),
-                                              (self.proc.stderr, self.errors))]
-        for reader in self._readers:
-            reader.start()
-        match = wait_until(lambda: self._find(self.LISTENING) or self.proc.poll() is not None,
-                           timeout=15, message="server to listen")
-        if match is True:
-            self.kill()
-            raise AssertionError(f"server exited early: {self.errors}")
-        self.address = (match.group(1), int(match.group(2)))
-
-    @staticmethod
-    def _collect(stream, into):
-        for line in stream:
-            into.append(line.rstrip("\n"))
-
-    def _find(self, pattern):
-        for line in list(self.lines):
-            match = pattern.search(line)
-            if match:
-                return match
-        return None
-
-    def count(self, text, stream=None):
-        """How many stdout lines (or lines of `stream`) contain `text`."""
-        return sum(text in line for line in list(self.lines if stream is None else stream))
+        super().__init__([sys.executable, *python_args, str(SERVER_SCRIPT), "--port", "0", *args],
+                         env=env, preexec_fn=preexec_fn)
 
     def wait_for_line(self, text, timeout=5.0):
         return wait_until(lambda: text in self.lines, timeout, message=f"server line {text!r}")
@@ -238,8 +204,8 @@ class ServerProcess:
                           message=f"server stderr line containing {text!r}")
 
     def stop(self, sig=None, timeout=5.0):
-        """Send `sig` (default SIGINT) and wait; return (exit status, stdout
-        lines, stderr text)."""
+        """Send `sig` (default SIGINT) and wait: not exiting within `timeout`
+        fails the test. Return (exit status, stdout lines, stderr text)."""
         import signal
         if self.proc.poll() is None:
             self.proc.send_signal(sig or signal.SIGINT)
@@ -248,17 +214,6 @@ class ServerProcess:
         finally:
             self.kill()
         return self.proc.returncode, self.lines, "".join(line + "\n" for line in self.errors)
-
-    def kill(self):
-        """Kill it if still running; close its pipes (idempotent)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        for reader in self._readers:
-            reader.join(5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if not stream.closed:
-                stream.close()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
 """Helpers shared by the reliability tests (fuzz, soak, limits, shutdown,
-client resilience): /proc probes of a process and of loopback TCP queues, a
-socket drained by a thread, and a scripted hostile server for the client."""
+client resilience): loopback TCP queues from /proc (a process's own CPU,
+threads and memory: relayproc.py), a socket drained by a thread, and a
+scripted hostile server for the client."""
 
 import os
 import re
@@ -20,26 +21,7 @@ def soak_seconds(default=6.0):
     return float(os.environ.get("CHAT_SOAK_SECONDS", default))
 
 
-# --- /proc probes ------------------------------------------------------------------
-
-def process_usage(pid):
-    """(threads, open descriptors, resident set in KiB) of a process."""
-    threads = rss = None
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("Threads:"):
-                threads = int(line.split()[1])
-            elif line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
-    return threads, len(os.listdir(f"/proc/{pid}/fd")), rss
-
-
-def cpu_seconds(pid):
-    """User + system CPU time a process has used so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
+# --- /proc/net/tcp ------------------------------------------------------------------
 
 def tcp_queues(local_port, remote_port):
     """(send queue, receive queue) in bytes of the loopback TCP socket

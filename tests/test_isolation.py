@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from conftest import Peer, reset_on_close, wait_until
-from reliability_helpers import process_usage
+from relayproc import process_usage
 
 
 # The server runs as its own process here: a reader sharing the server's GIL

@@ -12,7 +12,8 @@ import pytest
 
 from a2.mychatserver import LOG_FLOOD_LINES
 from conftest import Peer, running_server, wait_until
-from reliability_helpers import cpu_seconds, parse_frames, process_usage
+from reliability_helpers import parse_frames
+from relayproc import cpu_seconds, process_usage
 
 FULL_NOTICE = "Server full ({n} clients). Try again later.\n"
 

@@ -21,16 +21,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from conftest import LOOPBACK, ROOT, wait_until
+from conftest import LOOPBACK, ROOT
+from relayproc import python_relay
 
 LOCUSTFILE = ROOT / "loadtest" / "chatusers.py"
 FAULT_RELAY = ROOT / "tests" / "fault_relay.py"
-LISTENING = re.compile(r"Server listening on ([\d.]+):(\d+)")
 
 USERS = 20
 # 20 users at ~10 messages/s each: ~200 messages/s, ~3,800 deliveries/s.
@@ -108,23 +107,11 @@ def run_locust(address, tmp_path, *extra, users=USERS, rate=None, run_time="3s",
 @contextlib.contextmanager
 def fault_relay(fault, every=200):
     """tests/fault_relay.py on a free loopback port; yields its address."""
-    proc = subprocess.Popen([sys.executable, str(FAULT_RELAY), "--port", "0", "--fault", fault,
-                             "--every", str(every)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, text=True)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    relay = python_relay(FAULT_RELAY, "--fault", fault, "--every", str(every), merge_stderr=True)
     try:
-        wait_until(lambda: lines or proc.poll() is not None, timeout=15, message="fault relay to listen")
-        match = LISTENING.search(lines[0]) if lines else None
-        assert match, f"fault relay did not start: {lines}"
-        yield match.group(1), int(match.group(2))
+        yield relay.address
     finally:
-        proc.kill()
-        proc.wait()
-        reader.join(5)
-        proc.stdout.close()
+        relay.kill()
 
 
 def assert_clean(run):

@@ -24,7 +24,7 @@ import pytest
 from conftest import Peer, running_server, wait_until
 from metrics import exporter as exporter_module
 from metrics.exporter import MAX_CONNECTIONS, REQUEST_TIMEOUT, start_metrics_server
-from reliability_helpers import process_usage
+from relayproc import process_usage
 
 METRICS_LINE = re.compile(r"^Metrics on http://([\d.]+):(\d+)/metrics$")
 IDLE_FLOOD = 300

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from conftest import Peer, wait_until
-from reliability_helpers import process_usage
+from relayproc import process_usage
 
 from a2 import mychatserver
 from a2.mychatserver import Readers

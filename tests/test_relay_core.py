@@ -20,7 +20,7 @@ import time
 import pytest
 
 from conftest import ROOT, SERVER_SCRIPT, Peer, reset, wait_until
-from reliability_helpers import process_usage
+from relayproc import listening_address, process_usage
 
 from a2.mychatserver import MessageFramer, sanitize
 
@@ -67,9 +67,9 @@ def _unread_server(*args):
     proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--port", "0", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     first = proc.stdout.readline().decode()
-    match = re.match(r"Server listening on ([\d.]+):(\d+)", first)
-    assert match, first
-    return proc, (match.group(1), int(match.group(2)))
+    address = listening_address(first)
+    assert address, first
+    return proc, address
 
 
 @pytest.mark.timeout(60)

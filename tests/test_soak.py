@@ -33,7 +33,8 @@ import time
 import pytest
 
 from conftest import reset_on_close
-from reliability_helpers import FORBIDDEN, process_usage, soak_seconds, wait_until
+from reliability_helpers import FORBIDDEN, soak_seconds, wait_until
+from relayproc import process_usage
 
 POPULATION = 60
 # Kinds of client, with their share of arrivals. "line" and "raw" leave with
