@@ -39,6 +39,20 @@ def tcp_queues(local_port, remote_port):
     return None
 
 
+# --- idle clients ------------------------------------------------------------------
+
+def connect_idle(address, count):
+    """`count` clients that connect and never send nor read, each with a 4 KiB
+    receive buffer (thousands of them stay cheap for this process)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(address)
+        socks.append(sock)
+    return socks
+
+
 # --- reading a socket from a thread ------------------------------------------------
 
 class Drain:

@@ -20,12 +20,10 @@ import time
 import pytest
 
 from conftest import ROOT, SERVER_SCRIPT, Peer, reset, wait_until
+from reliability_helpers import connect_idle
 from relayproc import listening_address, process_usage
 
 from a2.mychatserver import MessageFramer, sanitize
-
-sys.path.insert(0, str(ROOT / "loadtest"))
-from bench_departure import connect_idle  # noqa: E402 - the benchmark's own: idle clients, 4 KiB buffers
 
 
 # --- 1. every queued relay is sent without waiting for another message -------------
