@@ -31,7 +31,9 @@ the capacity (highest rate with zero loss and p99 <= 50 ms, every lower rate
 passing too), the metrics endpoint on vs off, scale (N clients connected:
 threads, RSS per client, one broadcast reaching all), overload (1.5 x the
 project's capacity: is anything lost, is any reading client dropped, what
-happens to latency), and a slow reader. Output: a table on stdout, a JSON
+happens to latency), a slow reader, mass departure (thousands leave at once:
+how long a newcomer's first message waits) and SIGTERM with thousands
+connected (how long the relay takes to exit). Output: a table on stdout, a JSON
 file and a PNG plot in out/ (git-ignored) or --out DIR; the committed
 loadtest/results/ files change only when --out points there.
 See loadtest/BENCHMARK.md.
@@ -48,6 +50,8 @@ import re
 import resource
 import shutil
 import signal
+import socket
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -86,12 +90,14 @@ MODES = {
               "metrics_off_rates": "top", "scale": [200], "scale_baseline": True,
               "overload_duration": 1.0, "overload_previous": False,
               "slow_rate": 500, "slow_baseline": False, "slow_duration": 1.0, "drain": 1.0,
-              "ab_rate": 2000, "repeats": 1},
+              "ab_rate": 2000, "repeats": 1,
+              "departure_clients": 50, "sigterm_clients": 50, "departure_runs": 1, "late": [0.0]},
     "quick": {"rates": [1000, 5000, 10000, 20000], "duration": 2.0, "clients": 100, "senders": 10,
               "calibration": "ends", "metrics_off_rates": "top", "scale": [1000], "scale_baseline": True,
               "overload_duration": 3.0, "overload_previous": False,
               "slow_rate": 5000, "slow_baseline": False, "slow_duration": 3.0, "drain": 2.0,
-              "ab_rate": 10000, "repeats": 1},
+              "ab_rate": 10000, "repeats": 1,
+              "departure_clients": 1000, "sigterm_clients": 1000, "departure_runs": 3, "late": [0.0]},
     "full": {"rates": [500, 1000, 2000, 3000, 5000, 7500, 10000, 15000, 20000, 25000, 30000],
              "duration": 5.0, "clients": 100, "senders": 10, "calibration": "ends", "metrics_off_rates": "all",
              "scale": [1000, 5000, 10000], "scale_baseline": True,
@@ -100,8 +106,12 @@ MODES = {
              # the baseline's kernel send buffer autotunes to 4 MiB: its slow
              # reader takes ~10 s at this rate to fill it and stall the room
              "slow_duration_baseline": 15.0,
-             "ab_rate": 10000, "repeats": 3},
+             "ab_rate": 10000, "repeats": 3,
+             "departure_clients": 4000, "sigterm_clients": 10000, "departure_runs": 3, "late": [0.0]},
 }
+DEPARTURE_TARGET_S = 0.5   # issue 11: 4,000 leave at once, a newcomer's first message within this
+SIGTERM_TARGET_S = 2.0     # issue 11: SIGTERM with 10,000 clients connected, exit 0 within this
+MAX_CLIENTS_PER_STEP = 20_000  # a bounded benchmark (and this machine's descriptor limit)
 
 
 def extract_previous(commit, into):
@@ -479,6 +489,57 @@ def scale_step(pool, kind, n, broadcasts=3):
             relay.stop()
 
 
+def departure_step(pool, kind, n, late):
+    """Seconds from a newcomer's first message to an observer's receipt, when
+    `n` clients have just left at once and the newcomer comes `late` seconds
+    after: a relay that lets thousands of departing threads hold the GIL (or
+    a lock) keeps the newcomer waiting."""
+    relay = Relay(kind)
+    observer = newcomer = None
+    try:
+        observer = socket.create_connection(relay.address, timeout=30)  # in the room before the herd
+        connect(pool, relay, split(n, len(pool)))
+        wait_ready(pool, timeout=120, per_probe=5.0)
+        pool.call([("close", None)] * len(pool))  # every worker closes its clients at once
+        time.sleep(late)  # the scenario's parameter: when the newcomer comes
+        newcomer = socket.create_connection(relay.address, timeout=30)
+        started = time.monotonic()
+        newcomer.sendall(b"first!\n")
+        received = b""
+        while not received.endswith(b"first!\n"):
+            chunk = observer.recv(65536)
+            if not chunk:
+                raise RuntimeError("the relay closed the observer")
+            received += chunk
+        return time.monotonic() - started
+    finally:
+        for sock in (observer, newcomer):
+            if sock is not None:
+                sock.close()
+        try:
+            pool.call([("close", None)] * len(pool))
+        finally:
+            relay.stop()
+
+
+def sigterm_step(pool, kind, n):
+    """(seconds from SIGTERM to the relay's exit, its exit status) with `n`
+    clients connected and served."""
+    relay = Relay(kind)
+    try:
+        connect(pool, relay, split(n, len(pool)))
+        wait_ready(pool, timeout=120, per_probe=5.0)
+        started = time.monotonic()
+        relay.proc.send_signal(signal.SIGTERM)
+        status = relay.proc.wait(30)
+        return time.monotonic() - started, status
+    finally:
+        try:
+            pool.call([("close", None)] * len(pool))
+        finally:
+            relay.stop()
+
+
 # --- output ------------------------------------------------------------------------
 
 def fmt(value, spec="{:.1f}"):
@@ -748,6 +809,22 @@ def targets(result):
     if sr:
         out.append({"target": "a slow reader changes the others' p99 by < 10%",
                     "measured": sr["summary"], "met": sr["met"]})
+    for d in result.get("departure") or []:
+        if d["relay"] == "project" and d["late_s"] == 0:
+            at_4000 = d["clients"] >= 4000 or None  # met only counts at the issue's size
+            out.append({"target": f"{d['clients']:,} clients leaving at once delay a newcomer's first "
+                                  f"message < {DEPARTURE_TARGET_S:g} s",
+                        "measured": (f"median {d['median_s']:.3f} s, max {d['max_s']:.3f} s of "
+                                     f"{len(d['delays_s'])} run(s)" if d["ok"] else d["error"]),
+                        "met": at_4000 and d["ok"] and d["max_s"] < DEPARTURE_TARGET_S})
+    for s in result.get("sigterm") or []:
+        if s["relay"] == "project":
+            at_10k = s["clients"] >= 10000 or None
+            out.append({"target": f"SIGTERM with {s['clients']:,} clients: exit 0 within {SIGTERM_TARGET_S:g} s",
+                        "measured": (", ".join(f"{t:.2f} s (exit {e})" for t, e in zip(s["seconds"], s["exit_status"]))
+                                     if s["ok"] else s["error"]),
+                        "met": at_10k and s["ok"] and max(s["seconds"]) < SIGTERM_TARGET_S
+                        and not any(s["exit_status"])})
     return out
 
 
@@ -769,7 +846,7 @@ class Run:
                      "latency_method": "intended send time to receipt, CLOCK_MONOTONIC; one sample per read "
                                        "(its first complete message) weighted by the read's message count"},
             "calibration": [], "sweep": {}, "capacity": {}, "comparison": None, "scale": [],
-            "overload": {}, "slow_reader": {}, "metrics_cost": None,
+            "overload": {}, "slow_reader": {}, "metrics_cost": None, "departure": [], "sigterm": [],
         }
 
     def step(self, kind, rate, duration=None, drain=None, **options):
@@ -852,6 +929,48 @@ def run_scale(run):
                 print(f"{kind:<10}{n:>8,}  FAILED: {s['error']}", flush=True)
 
 
+def run_departure(run):
+    """Mass departure: `departure_clients` leave at once, then a newcomer speaks."""
+    cfg, n = run.cfg, run.cfg["departure_clients"]
+    print(f"\n== mass departure: {n:,} clients leave at once, then a newcomer's first message "
+          f"reaches an observer ({cfg['departure_runs']} run(s) each)", flush=True)
+    for kind in run.relays:
+        for late in cfg["late"]:
+            try:
+                delays = [departure_step(run.pool, kind, n, late) for _ in range(cfg["departure_runs"])]
+            except Exception as exc:  # noqa: BLE001 - report what this machine could not do, honestly
+                run.result["departure"].append({"relay": kind, "clients": n, "late_s": late, "ok": False,
+                                                "error": str(exc)})
+                print(f"{kind}: {n} leave, newcomer after {late:g} s: FAILED: {exc}", flush=True)
+                continue
+            run.result["departure"].append({
+                "relay": kind, "clients": n, "late_s": late, "ok": True,
+                "delays_s": [round(d, 4) for d in delays], "median_s": round(statistics.median(delays), 4),
+                "max_s": round(max(delays), 4)})
+            print(f"{kind}: {n} leave, newcomer after {late:g} s: "
+                  + ", ".join(f"{d:.3f}" for d in delays)
+                  + f" s (median {statistics.median(delays):.3f}, max {max(delays):.3f})", flush=True)
+
+
+def run_sigterm(run):
+    """Shutdown at scale: SIGTERM with `sigterm_clients` connected."""
+    cfg, n = run.cfg, run.cfg["sigterm_clients"]
+    print(f"\n== SIGTERM with {n:,} clients connected: time to exit ({cfg['departure_runs']} run(s) each)",
+          flush=True)
+    for kind in run.relays:
+        try:
+            stops = [sigterm_step(run.pool, kind, n) for _ in range(cfg["departure_runs"])]
+        except Exception as exc:  # noqa: BLE001 - report what this machine could not do, honestly
+            run.result["sigterm"].append({"relay": kind, "clients": n, "ok": False, "error": str(exc)})
+            print(f"{kind}: SIGTERM with {n} clients: FAILED: {exc}", flush=True)
+            continue
+        run.result["sigterm"].append({"relay": kind, "clients": n, "ok": True,
+                                      "seconds": [round(t, 3) for t, _ in stops],
+                                      "exit_status": [status for _, status in stops]})
+        print(f"{kind}: SIGTERM with {n} clients: "
+              + ", ".join(f"{seconds:.2f} s (exit {status})" for seconds, status in stops), flush=True)
+
+
 def run_overload(run):
     """OVERLOAD_FACTOR x the project's capacity for overload_duration seconds,
     then as long again to deliver the backlog (a relay that holds the excess
@@ -919,7 +1038,8 @@ def run_slow_reader(run):
 
 # (--only name, scenario) in the order they run; overload needs the sweep's capacity
 SCENARIOS = [("calibration", run_calibration), ("sweep", run_sweep), ("sweep", run_metrics_cost),
-             ("scale", run_scale), ("overload", run_overload), ("slow", run_slow_reader)]
+             ("scale", run_scale), ("overload", run_overload), ("slow", run_slow_reader),
+             ("departure", run_departure), ("sigterm", run_sigterm)]
 
 
 # --- main ------------------------------------------------------------------------
@@ -946,6 +1066,16 @@ def parse_args(argv=None):
     parser.add_argument("--overload-rate", type=int,
                         help=f"offered msg/s for the overload step (default: {OVERLOAD_FACTOR:g} x the "
                              "project's capacity from the sweep)")
+    parser.add_argument("--departure-clients", type=int,
+                        help="clients that leave at once in the departure scenario (default per mode: "
+                             "50, 1000, 4000)")
+    parser.add_argument("--sigterm-clients", type=int,
+                        help="clients connected when the sigterm scenario sends SIGTERM (default per mode: "
+                             "50, 1000, 10000)")
+    parser.add_argument("--late", type=lambda t: [float(x) for x in t.split(",")],
+                        help="comma-separated seconds between the departure and the newcomer (default 0)")
+    parser.add_argument("--departure-runs", type=int,
+                        help="runs of the departure and sigterm scenarios per relay (default per mode: 1, 3, 3)")
     parser.add_argument("--driver-procs", type=int, default=2,
                         help="driver worker processes (default: %(default)s)")
     parser.add_argument("--only", choices=sorted({name for name, _ in SCENARIOS}), action="append",
@@ -974,6 +1104,12 @@ def parse_args(argv=None):
         parser.error(f"--relays: unknown relay {', '.join(unknown) or '(none)'}; choose from {', '.join(ORDER)}")
     args.relay_list = [k for k in ORDER if k in args.relay_list]  # one order in every table
     args.only = args.only or sorted({name for name, _ in SCENARIOS})
+    for option in ("departure_clients", "sigterm_clients"):
+        value = getattr(args, option)
+        if value is not None and not 1 <= value <= MAX_CLIENTS_PER_STEP:
+            parser.error(f"--{option.replace('_', '-')} must be 1-{MAX_CLIENTS_PER_STEP} (a bounded benchmark)")
+    if args.departure_runs is not None and not 1 <= args.departure_runs <= 50:
+        parser.error("--departure-runs must be 1-50 (a bounded benchmark)")
     if "overload" in args.only and "sweep" not in args.only and not args.overload_rate:
         parser.error("--only overload needs the sweep's capacity: add --only sweep or give --overload-rate")
     return args
@@ -987,7 +1123,8 @@ def output_paths(args):
 
 def configure(args):
     cfg = dict(MODES[args.mode])
-    for key in ("rates", "duration", "clients", "senders", "scale"):
+    for key in ("rates", "duration", "clients", "senders", "scale", "departure_clients", "sigterm_clients",
+                "late", "departure_runs"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     return cfg
@@ -1032,7 +1169,7 @@ def main(argv=None):
 
 def write_outputs(run, json_path, png_path, started):
     result = run.result
-    result["targets"] = targets(result) if (result["sweep"] or result["scale"]) else []
+    result["targets"] = targets(result)
     result["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     result["meta"]["loadavg_at_end"] = os.getloadavg()  # this machine may be shared: see both
     drawn = bool(result["sweep"]) and png_path is not None

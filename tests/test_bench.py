@@ -55,7 +55,7 @@ def test_help_names_the_modes():
 def test_report_has_every_scenario(report):
     result, stdout, png, _ = report
     assert set(result) >= {"meta", "calibration", "sweep", "capacity", "comparison", "scale", "overload",
-                           "slow_reader", "metrics_cost", "targets"}
+                           "slow_reader", "metrics_cost", "departure", "sigterm", "targets"}
     assert set(result["sweep"]) == {"project", "previous", "baseline", "project_metrics_off"}
     assert result["meta"]["machine"]["cpus"] >= 1
     assert "offered/s" in stdout and "capacity" in stdout and "== overload" in stdout
@@ -214,24 +214,19 @@ def test_overload_alone_needs_a_rate():
     assert done.returncode == 2 and "--overload-rate" in done.stderr and "Traceback" not in done.stderr
 
 
-DEPARTURE = ROOT / "loadtest" / "bench_departure.py"
-
-
-@pytest.mark.timeout(90)
 @pytest.mark.parametrize("scenario, pattern", [
     ("departure", r"^project: 50 leave, newcomer after 0 s: \d+\.\d{3} s \(median \d+\.\d{3}, max \d+\.\d{3}\)$"),
     ("sigterm", r"^project: SIGTERM with 50 clients: \d+\.\d\d s \(exit 0\)$"),
 ])
-def test_the_departure_benchmark_runs_end_to_end(scenario, pattern):
-    done = subprocess.run([sys.executable, str(DEPARTURE), "--scenario", scenario, "--clients", "50",
-                           "--runs", "1"], capture_output=True, text=True, timeout=80,
-                          stdin=subprocess.DEVNULL, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert re.match(pattern, done.stdout.strip()), done.stdout
+def test_the_departure_and_sigterm_scenarios_run_end_to_end(report, scenario, pattern):
+    result, stdout = report[0], report[1]
+    assert re.search(pattern, stdout, re.MULTILINE), stdout
+    measured = {entry["relay"]: entry for entry in result[scenario]}
+    assert set(measured) == {"project", "previous", "baseline"}
+    assert all(entry["ok"] and entry["clients"] == 50 for entry in measured.values()), measured
 
 
-def test_the_departure_benchmark_refuses_unbounded_runs():
-    done = subprocess.run([sys.executable, str(DEPARTURE), "--clients", "100000"],
-                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-    assert done.returncode == 2 and "--clients must be 1-20000" in done.stderr
+def test_the_departure_scenario_refuses_unbounded_runs():
+    done = run_bench("--departure-clients", "100000")
+    assert done.returncode == 2 and "--departure-clients must be 1-20000" in done.stderr
     assert "Traceback" not in done.stderr
