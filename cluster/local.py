@@ -1,7 +1,7 @@
 """A redis-server and relay nodes on loopback, as child processes.
 
-Why it exists: the one-command demo (cluster/demo.py), the cluster tests and
-the benchmark all need the same real parts: Debian's `redis-server` on
+Why it exists: the one-command demo (cluster/demo.py) and the cluster tests
+both need the same real parts: Debian's `redis-server` on
 127.0.0.1 and a free port (AOF on or off, killable, restartable on its data
 or without it), and `a2/mychatserver.py --backbone ...` nodes. Standard
 library only; each object owns its process and kills it in stop()/kill().
@@ -133,7 +133,7 @@ class Node(RelayProcess):
 
     def __init__(self, url, port=0, args=(), echo=None, wait=True):
         command = [sys.executable, str(SERVER_SCRIPT), "--port", str(port), *args]
-        if url is not None:  # None: a plain single server (the benchmark's comparison)
+        if url is not None:  # None: a plain single server
             command += ["--backbone", url]
         super().__init__(command, merge_stderr=True, on_line=echo, wait=wait, timeout=READY_TIMEOUT,
                          new_session=True)  # a terminal's Ctrl-C goes to our owner
