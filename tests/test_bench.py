@@ -1,8 +1,8 @@
-"""Smoke test of the benchmark (loadtest/bench.py --smoke): the machinery runs
+"""Smoke test of the benchmark (bench/bench.py --smoke): the machinery runs
 end to end against the real relay, the previous design (extracted from git),
 the baseline and the reference relay, and writes a JSON report with every
 figure and the plot where it was told to. No timing thresholds here: speed is
-proven by the benchmark itself (loadtest/BENCHMARK.md), not by unit tests."""
+proven by the benchmark itself (bench/BENCHMARK.md), not by unit tests."""
 
 import hashlib
 import json
@@ -14,9 +14,9 @@ import sys
 import pytest
 from conftest import ROOT
 
-BENCH = ROOT / "loadtest" / "bench.py"
-RESULTS = ROOT / "loadtest" / "results"
-sys.path.insert(0, str(ROOT / "loadtest"))
+BENCH = ROOT / "bench" / "bench.py"
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
 
 import bench  # noqa: E402 - after the path fix
 
@@ -74,9 +74,9 @@ def test_default_output_is_the_git_ignored_out_directory():
     ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", str(json_path), str(png_path)],
                              capture_output=True, text=True, check=False)
     assert ignored.stdout.split() == [str(json_path), str(png_path)]  # both ignored
-    json_path, png_path = bench.output_paths(bench.parse_args(["--quick", "--out", "loadtest/results"]))
-    assert (json_path.as_posix(), png_path.as_posix()) == ("loadtest/results/bench-quick.json",
-                                                           "loadtest/results/bench-quick.png")
+    json_path, png_path = bench.output_paths(bench.parse_args(["--quick", "--out", "bench/results"]))
+    assert (json_path.as_posix(), png_path.as_posix()) == ("bench/results/bench-quick.json",
+                                                           "bench/results/bench-quick.png")
 
 
 def test_sweep_steps_count_attributed_deliveries(report):

@@ -2,17 +2,18 @@
 """bench.py - the chat relay benchmark: throughput, latency, scale and overload, side by
 side with the previous design and the class-demo baseline, in one run, on loopback.
 
-    python loadtest/bench.py --quick        # a couple of minutes
-    python loadtest/bench.py                # full: see loadtest/BENCHMARK.md for the time
-    python loadtest/bench.py --smoke        # seconds (the test suite's setting)
+    python bench/bench.py --quick        # a couple of minutes
+    python bench/bench.py                # full: see bench/BENCHMARK.md for the time
+    python bench/bench.py --smoke        # seconds (the test suite's setting)
 
-It starts every relay itself, each step on a fresh process: "project"
-(a2/mychatserver.py with --metrics-port), "previous" (the same file at an
-older commit, --previous-commit, extracted with git into a temporary
-directory together with that commit's metrics/ package), "baseline"
-(loadtest/baseline_server.py, the class demo) and, for calibration,
-"reference" (loadtest/bench_refrelay.py). It drives them with worker
-processes (loadtest/bench_driver.py: epoll, bulk parsing). Per step:
+It starts every relay itself, each step on a fresh process: the relays under
+test are bench/relays.py's registry -- "project" (a2/mychatserver.py with
+--metrics-port), "previous" (the same file at an older commit,
+--previous-commit, extracted with git into a temporary directory together
+with that commit's metrics/ package), "baseline" (bench/baseline_relay.py,
+the class demo) and, for calibration, "reference" (bench/reference_relay.py).
+It drives them with worker processes (bench/driver.py: epoll, bulk
+parsing). Per step:
 
 * attributed deliveries/s: relays that arrived as exactly one message with
   its own sender's "PORT: " prefix (glued or cut messages do not count);
@@ -22,8 +23,8 @@ processes (loadtest/bench_driver.py: epoll, bulk parsing). Per step:
   CLOCK_MONOTONIC), sampled on the first message of every read, weighted by
   the read's message count;
 * the relay's CPU seconds (and so CPU per delivery), peak RSS and threads
-  (/proc), slow-consumer drops (its /metrics, else its stderr), the
-  driver's own CPU.
+  (/proc, through relayproc.py), slow-consumer drops (its /metrics, else its
+  stderr), the driver's own CPU.
 
 Scenarios, one function each (run_*): calibration (the top rate against a
 relay the driver cannot overload), the offered-load sweep of every relay and
@@ -35,26 +36,21 @@ happens to latency), a slow reader, mass departure (thousands leave at once:
 how long a newcomer's first message waits) and SIGTERM with thousands
 connected (how long the relay takes to exit). Output: a table on stdout, a JSON
 file and a PNG plot in out/ (git-ignored) or --out DIR; the committed
-loadtest/results/ files change only when --out points there.
-See loadtest/BENCHMARK.md.
+bench/results/ files change only when --out points there.
+See bench/BENCHMARK.md.
 """
 
 import argparse
 import datetime
 import json
 import multiprocessing
-import io
 import os
 import platform
-import re
 import resource
-import shutil
 import signal
 import socket
 import statistics
-import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -64,25 +60,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE))  # run from anywhere: python bench/bench.py
 
-import bench_driver  # after the path fix (the worker processes import it too)
+import driver  # noqa: E402 - after the path fix (the worker processes import it too)
+import relays  # noqa: E402
 
 CAPACITY_P99_MS = 50.0
 OVERLOAD_FACTOR = 1.5      # the overload step offers this times the project's capacity
 THREADS_BEYOND_CLIENTS = 8  # "one thread per client plus a small constant" (issue 11)
 RSS_PER_CLIENT_KIB = 20.0   # issue 11's promise at 10,000 clients
-PREVIOUS_COMMIT = "a25aa6b"  # the last commit before relay core v2 (one Sender thread)
-DEFAULT_OUT = ROOT / "out"   # git-ignored (/out*/): a run never touches loadtest/results/ unless asked
-RELAYS = {
-    "project": [str(ROOT / "a2" / "mychatserver.py"), "--port", "0", "--quiet"],
-    # filled by extract_previous(): the script path inside a temporary directory
-    "previous": [None, "--port", "0", "--quiet"],
-    "baseline": [str(HERE / "baseline_server.py"), "--port", "0"],
-    "reference": [str(HERE / "bench_refrelay.py"), "--port", "0"],
-}
-METRICS_RELAYS = {"project", "previous"}  # relays that have --metrics-port
-ORDER = ("project", "previous", "baseline")  # how relays are listed in tables and the plot
+DEFAULT_OUT = ROOT / "out"   # git-ignored (/out*/): a run never touches bench/results/ unless asked
+ORDER = relays.COMPARED      # the relays --relays may name, in the order of every table and the plot
+METRICS_RELAYS = {name for name, relay in relays.registry().items() if relay.metrics}
 
 MODES = {
     # rates: offered msg/s for the sweep; everything else per scenario.
@@ -114,112 +103,7 @@ SIGTERM_TARGET_S = 2.0     # issue 11: SIGTERM with 10,000 clients connected, ex
 MAX_CLIENTS_PER_STEP = 20_000  # a bounded benchmark (and this machine's descriptor limit)
 
 
-def extract_previous(commit, into):
-    """Write a2/mychatserver.py and metrics/ as they were at `commit` into the
-    directory `into` (so the old script's --metrics-port finds its own
-    metrics/ beside its a2/) and make it the "previous" relay. Raises
-    RuntimeError with git's one-line reason."""
-    done = subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", commit,
-                           "a2/mychatserver.py", "metrics"], capture_output=True, check=False)
-    if done.returncode != 0:
-        reason = done.stderr.decode(errors="replace").strip().splitlines()
-        raise RuntimeError(f"cannot extract a2/mychatserver.py at {commit!r} with git: "
-                           f"{reason[-1] if reason else 'git failed'}")
-    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as tar:
-        tar.extractall(into)  # noqa: S202 - our own repository's tree
-    script = Path(into) / "a2" / "mychatserver.py"
-    RELAYS["previous"][0] = str(script)
-    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", commit],
-                         capture_output=True, text=True, check=False).stdout.strip()
-    return rev or commit
-
-
-# --- the relay under test, as a process --------------------------------------------
-
-def _raise_nofile():
-    """preexec_fn: the relay may hold 10,000+ sockets (soft limit -> hard)."""
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-class Relay:
-    """One relay process on a free loopback port; its CPU and memory from /proc."""
-
-    def __init__(self, kind, metrics=False):
-        self.kind = kind
-        if RELAYS[kind][0] is None:
-            raise RuntimeError(f"the {kind} relay was not prepared (extract_previous)")
-        command = [sys.executable, *RELAYS[kind]]
-        if metrics:
-            command += ["--metrics-port", "0"]
-        # Files, not pipes: the relay logs a line per connection (10,000 at
-        # scale) and nobody has to drain them. Closed in stop().
-        self._out = tempfile.NamedTemporaryFile(prefix=f"bench-{kind}-", suffix=".log")  # noqa: SIM115
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115
-        # (bench.py's own limit is raised already and inherited; this says it
-        # where the relay starts. Relays start while no scraper thread runs.)
-        self.proc = subprocess.Popen(command, stdout=self._out, stderr=self._err,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile)  # noqa: PLW1509
-        self.pid = self.proc.pid
-        self.metrics_url = None
-        deadline = time.monotonic() + 20
-        while True:
-            text = Path(self._out.name).read_text(errors="replace")
-            listening = [line for line in text.splitlines() if line.startswith("Server listening on ")]
-            metrics_line = [line for line in text.splitlines() if line.startswith("Metrics on ")]
-            if listening and (metrics_line or not metrics):
-                host, port = listening[0].rsplit(" ", 1)[1].rsplit(":", 1)
-                self.address = (host, int(port))
-                if metrics:
-                    self.metrics_url = metrics_line[0].split(" ", 2)[2]
-                break
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"{kind} relay did not start: {self.stderr()}")
-            time.sleep(0.02)
-
-    def cpu_seconds(self):
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def status(self, key):
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        return 0
-
-    def stderr(self):
-        self._err.seek(0)
-        return self._err.read().decode(errors="replace")
-
-    def slow_consumer_drops(self):
-        """(clients this relay dropped as slow consumers, where the count came
-        from). /metrics is exact; the log line is the fallback (the new relay
-        drops log lines rather than block, so its stderr may miss some)."""
-        if self.metrics_url:
-            try:
-                with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-                    text = response.read().decode()
-                match = re.search(r'^chat_disconnects_total\{reason="slow_consumer"\} (\S+)$', text, re.M)
-                if match:
-                    return int(float(match.group(1))), "metrics"
-            except OSError:
-                pass
-        return self.stderr().count("(slow consumer)"), "stderr"
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._out.close()
-        return self.proc.returncode
-
+# --- the relay under test, as a process: relays.py -----------------------------------
 
 class Scraper(threading.Thread):
     """Scrapes /metrics once a second during a load phase, as Prometheus would
@@ -243,14 +127,14 @@ class Scraper(threading.Thread):
 # --- the driver: worker processes --------------------------------------------------
 
 class Pool:
-    """bench_driver worker processes, commanded over pipes."""
+    """driver.py worker processes, commanded over pipes."""
 
     def __init__(self, workers):
         context = multiprocessing.get_context("spawn")
         self.conns, self.procs = [], []
         for _ in range(workers):
             parent, child = context.Pipe()
-            proc = context.Process(target=bench_driver.worker_main, args=(child,), daemon=True)
+            proc = context.Process(target=driver.worker_main, args=(child,), daemon=True)
             proc.start()
             self.conns.append(parent)
             self.procs.append(proc)
@@ -333,11 +217,13 @@ def percentiles(lat_bytes, weight_bytes):
 
 # --- scenarios -------------------------------------------------------------------
 
-def load_step(pool, kind, rate, clients, senders, duration, drain, metrics=True, slow=0, over_time=False):
-    """One load phase on a fresh relay: `clients` clients (plus `slow` slow
-    readers), `senders` of them sending `rate` msg/s in all. over_time: also
-    latency by second of the run (latency_by_second)."""
-    relay = Relay(kind, metrics=metrics and kind in METRICS_RELAYS)
+def load_step(pool, under_test, rate, clients, senders, duration, drain, metrics=True, slow=0, over_time=False):
+    """One load phase on a fresh relay (`under_test`: a relays.Relay):
+    `clients` clients (plus `slow` slow readers), `senders` of them sending
+    `rate` msg/s in all. over_time: also latency by second of the run
+    (latency_by_second)."""
+    kind = under_test.name
+    relay = under_test.start(metrics=metrics)
     scraper = None
     try:
         counts = split(clients, len(pool))
@@ -434,16 +320,6 @@ def latency_by_second(results, t0_ns, duration):
     return out
 
 
-def sweep(pool, kind, rates, cfg, metrics=True, log=print):
-    steps = []
-    for rate in rates:
-        step = load_step(pool, kind, rate, cfg["clients"], cfg["senders"], cfg["duration"],
-                         cfg["drain"], metrics=metrics)
-        steps.append(step)
-        log(step_row(step))
-    return steps
-
-
 def capacity(steps):
     """Highest offered rate with zero loss and p99 <= 50 ms, all lower rates passing too."""
     best = 0
@@ -454,8 +330,9 @@ def capacity(steps):
     return best
 
 
-def scale_step(pool, kind, n, broadcasts=3):
-    relay = Relay(kind, metrics=kind in METRICS_RELAYS)
+def scale_step(pool, under_test, n, broadcasts=3):
+    kind = under_test.name
+    relay = under_test.start(metrics=True)
     try:
         rss0 = relay.status("VmRSS")
         threads0 = relay.status("Threads")
@@ -489,12 +366,12 @@ def scale_step(pool, kind, n, broadcasts=3):
             relay.stop()
 
 
-def departure_step(pool, kind, n, late):
+def departure_step(pool, under_test, n, late):
     """Seconds from a newcomer's first message to an observer's receipt, when
     `n` clients have just left at once and the newcomer comes `late` seconds
     after: a relay that lets thousands of departing threads hold the GIL (or
     a lock) keeps the newcomer waiting."""
-    relay = Relay(kind)
+    relay = under_test.start()
     observer = newcomer = None
     try:
         observer = socket.create_connection(relay.address, timeout=30)  # in the room before the herd
@@ -522,10 +399,10 @@ def departure_step(pool, kind, n, late):
             relay.stop()
 
 
-def sigterm_step(pool, kind, n):
+def sigterm_step(pool, under_test, n):
     """(seconds from SIGTERM to the relay's exit, its exit status) with `n`
     clients connected and served."""
-    relay = Relay(kind)
+    relay = under_test.start()
     try:
         connect(pool, relay, split(n, len(pool)))
         wait_ready(pool, timeout=120, per_probe=5.0)
@@ -833,13 +710,15 @@ def targets(result):
 class Run:
     """One benchmark run: its settings, the driver pool and the result it builds."""
 
-    def __init__(self, args, cfg, pool):
+    def __init__(self, args, cfg, pool, under_test):
         self.args, self.cfg, self.pool = args, cfg, pool
+        self.under_test = under_test  # relays.registry(): name -> relays.Relay
         self.relays = args.relay_list
         self.result = {
             "meta": {"mode": args.mode, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                      "machine": machine(), "config": cfg, "driver_procs": args.driver_procs,
                      "relays": self.relays, "project_script": str(args.project_script),
+                     "relays_under_test": {name: under_test[name].about for name in (*self.relays, "reference")},
                      "previous_commit": getattr(args, "previous_rev", None),
                      "capacity_rule": f"highest offered rate with zero loss and p99 <= {CAPACITY_P99_MS:.0f} ms, "
                                       "every lower rate passing too",
@@ -851,7 +730,7 @@ class Run:
 
     def step(self, kind, rate, duration=None, drain=None, **options):
         cfg = self.cfg
-        step = load_step(self.pool, kind, rate, cfg["clients"], cfg["senders"],
+        step = load_step(self.pool, self.under_test[kind], rate, cfg["clients"], cfg["senders"],
                          cfg["duration"] if duration is None else duration,
                          cfg["drain"] if drain is None else drain, **options)
         print(step_row(step), flush=True)
@@ -918,7 +797,7 @@ def run_scale(run):
           f"{'KiB/client':>12}{'threads':>9}{'+const':>7}{'broadcast ms':>14}")
     for n in cfg["scale"]:
         for kind in kinds:
-            s = scale_step(run.pool, kind, n)
+            s = scale_step(run.pool, run.under_test[kind], n)
             run.result["scale"].append(s)
             if s["ok"]:
                 print(f"{kind:<10}{n:>8,}{s['connect_s']:>11.2f}{s['ready_s']:>9.2f}"
@@ -937,7 +816,8 @@ def run_departure(run):
     for kind in run.relays:
         for late in cfg["late"]:
             try:
-                delays = [departure_step(run.pool, kind, n, late) for _ in range(cfg["departure_runs"])]
+                delays = [departure_step(run.pool, run.under_test[kind], n, late)
+                          for _ in range(cfg["departure_runs"])]
             except Exception as exc:  # noqa: BLE001 - report what this machine could not do, honestly
                 run.result["departure"].append({"relay": kind, "clients": n, "late_s": late, "ok": False,
                                                 "error": str(exc)})
@@ -959,7 +839,7 @@ def run_sigterm(run):
           flush=True)
     for kind in run.relays:
         try:
-            stops = [sigterm_step(run.pool, kind, n) for _ in range(cfg["departure_runs"])]
+            stops = [sigterm_step(run.pool, run.under_test[kind], n) for _ in range(cfg["departure_runs"])]
         except Exception as exc:  # noqa: BLE001 - report what this machine could not do, honestly
             run.result["sigterm"].append({"relay": kind, "clients": n, "ok": False, "error": str(exc)})
             print(f"{kind}: SIGTERM with {n} clients: FAILED: {exc}", flush=True)
@@ -1055,7 +935,7 @@ def parse_args(argv=None):
     mode.add_argument("--smoke", action="store_const", const="smoke", dest="mode",
                       help="seconds, tiny sizes: checks the machinery (the test suite)")
     mode.add_argument("--full", action="store_const", const="full", dest="mode",
-                      help="the full run (default; see loadtest/BENCHMARK.md for how long)")
+                      help="the full run (default; see bench/BENCHMARK.md for how long)")
     parser.add_argument("--rates", type=lambda t: [int(x) for x in t.split(",")],
                         help="comma-separated offered rates (msg/s) for the sweep, e.g. 1000,5000,20000")
     parser.add_argument("--duration", type=float, help="seconds of load per step")
@@ -1083,16 +963,16 @@ def parse_args(argv=None):
     parser.add_argument("--relays", default="project,previous,baseline",
                         help="comma-separated relays to compare, of project, previous, baseline "
                              "(default: %(default)s)")
-    parser.add_argument("--project-script", type=Path, default=RELAYS["project"][0],
+    parser.add_argument("--project-script", type=Path, default=relays.SERVER_SCRIPT,
                         help="the relay benchmarked as 'project' (default: a2/mychatserver.py)")
-    parser.add_argument("--previous-commit", default=PREVIOUS_COMMIT,
+    parser.add_argument("--previous-commit", default=relays.PREVIOUS_COMMIT,
                         help="the commit whose a2/mychatserver.py (and metrics/) is benchmarked as "
                              "'previous', extracted with git into a temporary directory "
                              "(default: %(default)s, the last commit before relay core v2)")
     parser.add_argument("--out", type=Path,
                         help=f"directory for bench-MODE.json and bench-MODE.png (default: "
                              f"{DEFAULT_OUT.relative_to(ROOT)}/, git-ignored; the committed figures are "
-                             "replaced only with --out loadtest/results)")
+                             "replaced only with --out bench/results)")
     parser.add_argument("--json", type=Path, help="JSON output file (overrides --out for the JSON)")
     parser.add_argument("--png", type=Path, help="plot output file (overrides --out for the plot)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
@@ -1133,23 +1013,24 @@ def configure(args):
 def main(argv=None):
     args = parse_args(argv)
     cfg = configure(args)
-    RELAYS["project"][0] = str(args.project_script)
     json_path, png_path = output_paths(args)
-    _raise_nofile()
+    under_test = relays.registry(args.project_script, args.previous_commit)
+    relays.raise_nofile()
     started = time.monotonic()
-    previous_dir = tempfile.mkdtemp(prefix="bench-previous-")
-    try:
-        if "previous" in args.relay_list:
+    with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
+        for name in (*args.relay_list, "reference"):
             try:
-                args.previous_rev = extract_previous(args.previous_commit, previous_dir)
+                made = under_test[name].prepare(workdir)
             except RuntimeError as exc:
                 print(f"bench.py: {exc}", file=sys.stderr)
                 return 2
+            if name == "previous":
+                args.previous_rev = made
         busy = machine_busy()
         if busy > 0.15:
             print(f"WARNING: {busy:.0%} of this machine's CPU was busy before the run started; "
                   "the figures below measure that load too", flush=True)
-        run = Run(args, cfg, Pool(args.driver_procs))
+        run = Run(args, cfg, Pool(args.driver_procs), under_test)
         run.result["meta"]["cpu_busy_before_run"] = busy
         try:
             print(f"chat relay benchmark, mode {args.mode}: relays {', '.join(run.relays)}"
@@ -1161,8 +1042,6 @@ def main(argv=None):
                     scenario(run)
         finally:
             run.pool.close()
-    finally:
-        shutil.rmtree(previous_dir, ignore_errors=True)
     write_outputs(run, json_path, None if args.no_plot else png_path, started)
     return 0
 

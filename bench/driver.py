@@ -1,6 +1,6 @@
-"""bench_driver.py - the benchmark's load driver: one process, many chat clients.
+"""driver.py - the benchmark's load driver: one process, many chat clients.
 
-loadtest/bench.py starts one or more of these worker processes
+bench/bench.py starts one or more of these worker processes
 (`worker_main`) and commands them over a multiprocessing pipe: connect N
 clients, probe until the relay serves all of them, run a timed load phase,
 close. Everything here is built so that the driver costs far less than the

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""bench_refrelay.py - a relay the benchmark driver cannot overload (calibration).
+"""reference_relay.py - a relay the benchmark driver cannot overload (calibration).
 
 Before trusting a figure, bench.py runs its highest offered load against this
 relay: if the driver reports loss or a high p99 here, the limit is the
@@ -13,7 +13,7 @@ does per *byte* work in C only:
     * each recipient gets that whole buffer in one send (no 1024-byte limit:
       this is not an assignment relay, it is a measuring instrument).
 
-Run:  python loadtest/bench_refrelay.py [--port 0]   (prints "Server listening on HOST:PORT")
+Run:  python bench/reference_relay.py [--port 0]   (prints "Server listening on HOST:PORT")
 """
 
 import argparse

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""baseline_server.py - the class-demo chat relay, the shape most classmates submit.
+"""baseline_relay.py - the class-demo chat relay, the shape most classmates submit.
 
-This is the benchmark's yardstick (loadtest/bench.py runs it side by side with
+This is the benchmark's yardstick (bench/bench.py runs it side by side with
 a2/mychatserver.py in the same run). It is deliberately NOT improved: it is
 what shared/spec/peer-behaviour.md measured in 27 of 28 classmate servers.
 
@@ -16,7 +16,7 @@ So two messages that arrive together are relayed as one chunk with one
 prefix, a message cut by a 1024-byte read gets two prefixes, and one client
 that stops reading blocks every sender (they all wait for the lock).
 
-Run:  python loadtest/baseline_server.py [--host 127.0.0.1] [--port 0]
+Run:  python bench/baseline_relay.py [--host 127.0.0.1] [--port 0]
 The first line printed is "Server listening on HOST:PORT" (as the project's).
 """
 
