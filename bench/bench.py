@@ -503,9 +503,10 @@ def figure(result):
         clients = steps[0]["clients"]
         x = [s["offered_rate"] for s in steps]
         rates.update(x)
-        throughput.plot(x, [s["attributed_per_s"] for s in steps], style, color=color, label=label)
-        latency.plot(x, [s["latency_ms"]["p99"] or float("nan") for s in steps], style, color=color, label=label)
-        loss.plot(x, [s["loss"] * 100 for s in steps], style, color=color, label=label)
+        throughput.plot(x, [s["attributed_per_s"] for s in steps], style, color=color, label=label, gid=key)
+        latency.plot(x, [s["latency_ms"]["p99"] or float("nan") for s in steps], style, color=color, label=label,
+                     gid=key)
+        loss.plot(x, [s["loss"] * 100 for s in steps], style, color=color, label=label, gid=key)
     rates = sorted(rates)
     if clients and rates:
         throughput.plot(rates, [r * (clients - 1) for r in rates], ":", color="gray",
@@ -553,10 +554,33 @@ def figure(result):
 
 
 def plot(result, path):
+    """Draw the plot into `path`; return what it shows (describe())."""
     import matplotlib.pyplot as plt
     fig = figure(result)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+        return describe(fig)
+    finally:
+        plt.close(fig)
+
+
+def describe(fig):
+    """What a drawn plot shows, read back from the figure: each panel's title,
+    labels and scales, each relay's line (its key, label and points) and the
+    texts on it (the capacity labels). Written into the JSON beside the PNG,
+    for a reader without the image and for the tests."""
+    def number(value):
+        return None if value != value else float(value)  # NaN (no sample) -> null
+
+    panels = []
+    for ax in fig.axes:
+        lines = [{"key": line.get_gid(), "label": line.get_label(),
+                  "x": [number(v) for v in line.get_xdata()], "y": [number(v) for v in line.get_ydata()]}
+                 for line in ax.get_lines() if not line.get_label().startswith("_")]
+        panels.append({"title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(),
+                       "xscale": ax.get_xscale(), "yscale": ax.get_yscale(), "lines": lines,
+                       "texts": [text.get_text() for text in ax.texts]})
+    return {"panels": panels}
 
 
 def compare(result):
@@ -976,6 +1000,9 @@ def parse_args(argv=None):
     parser.add_argument("--json", type=Path, help="JSON output file (overrides --out for the JSON)")
     parser.add_argument("--png", type=Path, help="plot output file (overrides --out for the plot)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what would run (relays, scenarios, settings) and where the output would "
+                             "go, then exit without starting anything")
     args = parser.parse_args(argv)
     args.mode = args.mode or "full"
     args.relay_list = [k for k in args.relays.split(",") if k]
@@ -1015,6 +1042,9 @@ def main(argv=None):
     cfg = configure(args)
     json_path, png_path = output_paths(args)
     under_test = relays.registry(args.project_script, args.previous_commit)
+    if args.dry_run:
+        print_plan(args, cfg, under_test, json_path, None if args.no_plot else png_path)
+        return 0
     relays.raise_nofile()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
@@ -1046,6 +1076,15 @@ def main(argv=None):
     return 0
 
 
+def print_plan(args, cfg, under_test, json_path, png_path):
+    print(f"chat relay benchmark, mode {args.mode} (dry run: nothing is started)")
+    for name in (*args.relay_list, "reference"):
+        print(f"relay {name}: {under_test[name].about}")
+    print("scenarios: " + ", ".join(name for name in dict(SCENARIOS) if name in args.only))
+    print("settings: " + json.dumps(cfg))
+    print(f"JSON: {json_path}" + (f"\nplot: {png_path}" if png_path else ""))
+
+
 def write_outputs(run, json_path, png_path, started):
     result = run.result
     result["targets"] = targets(result)
@@ -1054,7 +1093,7 @@ def write_outputs(run, json_path, png_path, started):
     drawn = bool(result["sweep"]) and png_path is not None
     if drawn:
         png_path.parent.mkdir(parents=True, exist_ok=True)
-        plot(result, png_path)
+        result["meta"]["plot"] = plot(result, png_path)
         result["meta"]["png"] = str(png_path)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -10,15 +10,13 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
 
-BENCH = ROOT / "bench" / "bench.py"
+BENCH = ROOT / "bench" / "bench.py"  # run, never imported: tests do not import benchmark code
 RESULTS = ROOT / "bench" / "results"
-sys.path.insert(0, str(ROOT / "bench"))
-
-import bench  # noqa: E402 - after the path fix
 
 
 def committed_results():
@@ -67,14 +65,22 @@ def test_a_run_leaves_the_committed_results_alone(report):
     assert committed_results() == report[3]
 
 
+def output_paths(*args):
+    """Where a run with `args` would write its JSON and plot (--dry-run says)."""
+    done = run_bench(*args, "--dry-run")
+    assert done.returncode == 0, done.stderr
+    said = dict(line.split(": ", 1) for line in done.stdout.splitlines() if line.startswith(("JSON: ", "plot: ")))
+    return Path(said["JSON"]), Path(said["plot"])
+
+
 def test_default_output_is_the_git_ignored_out_directory():
-    json_path, png_path = bench.output_paths(bench.parse_args(["--smoke"]))
+    json_path, png_path = output_paths("--smoke")
     assert json_path == ROOT / "out" / "bench-smoke.json"
     assert png_path == ROOT / "out" / "bench-smoke.png"
     ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", str(json_path), str(png_path)],
                              capture_output=True, text=True, check=False)
     assert ignored.stdout.split() == [str(json_path), str(png_path)]  # both ignored
-    json_path, png_path = bench.output_paths(bench.parse_args(["--quick", "--out", "bench/results"]))
+    json_path, png_path = output_paths("--quick", "--out", "bench/results")
     assert (json_path.as_posix(), png_path.as_posix()) == ("bench/results/bench-quick.json",
                                                            "bench/results/bench-quick.png")
 
@@ -145,7 +151,9 @@ def test_scale_counts_threads_beyond_one_per_client(report):
     # writer thread per client; the new one has one thread per client plus
     # a constant (accept loop, Sender, log writer, metrics).
     assert scale["previous"]["threads"] >= 2 * 200
-    assert 0 < scale["project"]["threads_beyond_clients"] <= bench.THREADS_BEYOND_CLIENTS
+    targets = " ".join(t["target"] for t in result["targets"])
+    limit = int(re.search(r"threads = clients \+ at most (\d+)", targets).group(1))
+    assert 0 < scale["project"]["threads_beyond_clients"] <= limit
     assert 0 < scale["baseline"]["threads_beyond_clients"] <= 2
 
 
@@ -182,24 +190,20 @@ def test_slow_reader_and_metrics_cost_are_reported(report):
 
 
 def test_plot_has_a_loss_panel_and_labelled_capacities_on_a_log_axis(report):
+    """The plot as drawn, read back from the figure into the JSON (meta.plot)."""
     result = report[0]
-    fig = bench.figure(result)
-    try:
-        throughput, latency, loss = fig.axes
-        assert [ax.get_xscale() for ax in fig.axes] == ["log"] * 3
-        assert "lost" in loss.get_ylabel()
-        lines = {line.get_label(): line for line in loss.get_lines()}
-        baseline = lines[bench.STYLES["baseline"][0]]
-        assert list(baseline.get_xdata()) == [s["offered_rate"] for s in result["sweep"]["baseline"]]
-        assert all(math.isclose(y, s["loss"] * 100) for y, s in zip(baseline.get_ydata(), result["sweep"]["baseline"]))
-        assert bench.STYLES["previous"][0] in lines
-        labels = " ".join(t.get_text() for t in throughput.texts)
-        for kind in ("project", "previous", "baseline"):
-            if result["capacity"][kind]:
-                assert f"{kind}" in labels and f"capacity {result['capacity'][kind]:,}/s" in labels
-    finally:
-        import matplotlib.pyplot as plt
-        plt.close(fig)
+    throughput, latency, loss = result["meta"]["plot"]["panels"]
+    assert [panel["xscale"] for panel in (throughput, latency, loss)] == ["log"] * 3
+    assert "lost" in loss["ylabel"]
+    lines = {line["key"]: line for line in loss["lines"] if line["key"]}
+    baseline = lines["baseline"]
+    assert baseline["x"] == [s["offered_rate"] for s in result["sweep"]["baseline"]]
+    assert all(math.isclose(y, s["loss"] * 100) for y, s in zip(baseline["y"], result["sweep"]["baseline"]))
+    assert "previous" in lines
+    labels = " ".join(throughput["texts"])
+    for kind in ("project", "previous", "baseline"):
+        if result["capacity"][kind]:
+            assert f"{kind}" in labels and f"capacity {result['capacity'][kind]:,}/s" in labels
 
 
 def test_a_bad_previous_commit_is_one_line_and_no_traceback():
