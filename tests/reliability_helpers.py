@@ -5,8 +5,11 @@ scripted hostile server for the client."""
 
 import os
 import re
+import resource
 import socket
 import threading
+
+import pytest
 
 from conftest import LOOPBACK, hang_up, wait_until
 
@@ -51,6 +54,16 @@ def connect_idle(address, count):
         sock.connect(address)
         socks.append(sock)
     return socks
+
+
+def raise_fd_limit(needed):
+    """Raise this process's descriptor limit to `needed` (skip the test if the
+    hard limit is lower): thousands of clients, one descriptor each."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        pytest.skip(f"needs {needed} file descriptors, the hard limit is {hard}")
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 # --- reading a socket from a thread ------------------------------------------------

@@ -1,11 +1,15 @@
 """MessageFramer and its helpers, without sockets (the sans-IO part).
 
 Like h11's tests: every rule is checked with the input whole, split at every
-position, and fed one byte at a time."""
+position, and fed one byte at a time. At the end, two rules also seen on the
+wire, against a server in this process: Unicode line separators cannot forge
+a line, and `exit` split across reads."""
 
 import socket
 
 import pytest
+
+from conftest import Peer, wait_until
 
 from a2.mychatserver import (BUFSIZE, MAX_MESSAGE_CHARS, MAX_PAYLOAD_BYTES, MessageFramer,
                              frame, sanitize, send_frames, split_utf8)
@@ -244,3 +248,56 @@ def test_line_client_text_starting_with_exit_waits_for_the_rest():
     assert not framer.exit_requested
     assert framer.feed(b"half a line") == []
     assert not framer.wants_burst_end  # an unfinished line is just held
+
+
+# --- Unicode line forgery (relay core v2), also over a socket -------------------------
+
+FORBIDDEN = "\u061c\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f"
+
+
+def test_sanitize_removes_unicode_line_separators_and_bidi_controls_keeps_zwj():
+    family = "\U0001F468\u200d\U0001F469\u200d\U0001F467"  # one emoji, joined by ZWJ
+    for char in FORBIDDEN:
+        assert sanitize(f"a{char}b") == "ab", hex(ord(char))
+    assert sanitize(f"hi {family}") == f"hi {family}"
+    framer = MessageFramer()
+    assert framer.feed("hi\u2028 12345: forged line\u202e\n".encode()) == ["hi 12345: forged line"]
+
+
+def test_no_relay_splits_into_two_lines_for_a_unicode_aware_receiver(server, peers):
+    a, b = peers(2)
+    a.send("hi\u202812345: forged line\u2029also\u0085this\n".encode())
+    b.read_until(lambda got: got.endswith(b"\n"))
+    text = b.received.decode()
+    assert text == f"{a.port}: hi12345: forged linealsothis\n"
+    assert len(text.splitlines()) == 1
+
+
+# --- `exit` split across reads: the stated rule, over a socket ------------------------
+
+def test_exit_then_a_pause_is_an_exit_even_if_more_of_the_line_follows(server, peers):
+    """README: for a client that has sent a newline, an unfinished line that is
+    just `exit` when the server has nothing more to read from it ends the
+    session (the way clients send `exit`); the same bytes in one read are text."""
+    a, b = peers(2)
+    a.send("hello\n")
+    b.expect(f"{a.port}: hello\n")
+    a.send("exit")
+    a.expect_closed()
+    try:
+        a.send("ing the building\n")
+    except OSError:
+        pass  # the server already closed: a reset is as good as silence
+    c = Peer(server.address)
+    wait_until(lambda: server.client_count == 2, message="c registered, a gone")
+    c.send("marker\n")
+    b.expect(f"{c.port}: marker\n")  # nothing of a's arrived before c's marker
+    c.close()
+
+
+def test_exit_and_the_rest_of_the_line_in_one_read_is_a_message(server, peers):
+    a, b = peers(2)
+    a.send("hello\n")
+    b.expect(f"{a.port}: hello\n")
+    a.send("exiting the building\n")
+    b.expect(f"{a.port}: exiting the building\n")

@@ -2,7 +2,8 @@
 has left serves the next newcomer or ends after READER_LINGER (x 1-2); every
 client handed out is served exactly once, whatever the timing; close() ends
 the waiting ones at once. Against the real server: churn does not start a
-thread per connection, and a room that empties returns to its threads."""
+thread per connection, a room that empties returns to its threads, and
+4,000 clients leaving at once barely delay a newcomer (issue 11)."""
 
 import os
 import random
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from conftest import Peer, wait_until
+from reliability_helpers import connect_idle, raise_fd_limit
 from relayproc import process_usage
 
 from a2 import mychatserver
@@ -137,5 +139,32 @@ def test_churn_reuses_reader_threads_and_an_empty_room_returns_to_its_threads(se
     server.wait_for_count(" closed (", 90)
     wait_until(lambda: process_usage(pid)[0] == baseline, timeout=2 * mychatserver.READER_LINGER + 5,
                message=lambda: f"threads back to {baseline}, now {process_usage(pid)[0]}")
+    status, _, err = server.stop()
+    assert status == 0, err
+
+
+# --- 4,000 clients leaving at once (issue 11): the readers' linger at work ------------
+
+@pytest.mark.timeout(120)
+def test_4000_leaving_at_once_barely_delays_a_newcomer(server_process):
+    raise_fd_limit(4_000 + 1_000)
+    server = server_process("--quiet")
+    observer = Peer(server.address)
+    socks = connect_idle(server.address, 4_000)
+    server.wait_for_count("New connection", 4_001, timeout=60)
+    for sock in socks:
+        sock.close()
+    newcomer = Peer(server.address)
+    started = time.monotonic()
+    newcomer.send("first!\n")
+    try:
+        observer.read_until(lambda got: got.endswith(b"first!\n"), timeout=10)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; the server's stderr: {server.errors[-5:]}; "
+                             f"its last stdout lines: {server.lines[-3:]}") from None
+    delay = time.monotonic() - started
+    server.wait_for_count(" closed (", 4_000, timeout=30)
+    # Issue 11's target (the previous design took 5.6 s).
+    assert delay < 0.5, f"the newcomer's message took {delay:.2f}s"
     status, _, err = server.stop()
     assert status == 0, err

@@ -226,3 +226,35 @@ def test_thread_start_failure_refuses_that_client_and_keeps_serving(monkeypatch)
         wait_until(lambda: server.stats()["disconnects_total"]["rejected"] == 1)
         for peer in (refused, a, b):
             peer.close()
+
+
+# --- every queued relay goes out without waiting for another message (relay core v2) ---
+
+@pytest.mark.timeout(90)
+def test_no_relay_is_stranded_in_a_quiet_room(server_process):
+    """A sends a line and leaves with a bare `exit` while B sends a line; no
+    one speaks afterwards. Both lines must reach the observer (the old rotating
+    flusher could leave B's line unsent until someone else spoke)."""
+    server = server_process("--quiet")
+    idle = [Peer(server.address) for _ in range(300)]
+    observer = Peer(server.address)
+    server.wait_for_count("New connection", 301, timeout=20)
+    try:
+        for round_ in range(20):
+            a, b = Peer(server.address), Peer(server.address)
+            server.wait_for_count("New connection", 303 + 2 * round_, timeout=10)
+            a.send(f"a{round_}\n")
+            a.send("exit")
+            b.send(f"b{round_}\n")
+            want = {f"{a.port}: a{round_}\n".encode(), f"{b.port}: b{round_}\n".encode()}
+            got = observer.read_until(lambda data: all(w in data for w in want), timeout=2)
+            assert sorted(got.splitlines(keepends=True)) == sorted(want), round_
+            observer.received = bytearray()
+            a.expect_closed()
+            a.close()
+            b.close()
+    finally:
+        for peer in idle + [observer]:
+            peer.close()
+    status, _, err = server.stop()
+    assert status == 0, err

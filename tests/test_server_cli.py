@@ -1,4 +1,6 @@
-"""`python a2/mychatserver.py` as a program: its transcript, options and signals."""
+"""`python a2/mychatserver.py` as a program: its transcript, options and
+signals; its log output when nobody reads it; the warning when it listens
+beyond loopback."""
 
 import signal
 import socket
@@ -8,7 +10,8 @@ import time
 
 import pytest
 
-from conftest import LOOPBACK, SERVER_SCRIPT, Peer, wait_until
+from conftest import LOOPBACK, SERVER_SCRIPT, Peer, reset, wait_until
+from relayproc import listening_address
 
 
 def connected(server, n):
@@ -119,3 +122,62 @@ def test_signal_with_clients_connected_stops_cleanly_within_2s(server_process, s
         peer.expect_closed(timeout=2)
         peer.close()
     stuck.close()
+
+
+# --- a stalled log output does not stall the room (relay core v2) ---------------------
+
+def _unread_server(*args):
+    """A server whose stdout and stderr pipes nobody reads after its first line."""
+    proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--port", "0", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    first = proc.stdout.readline().decode()
+    address = listening_address(first)
+    assert address, first
+    return proc, address
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_log_output_does_not_freeze_the_room():
+    proc, address = _unread_server()
+    try:
+        # b is accepted, so joins the room, before a: it hears all of a's messages.
+        b = Peer(address)
+        a = Peer(address)
+        a.send("hello\n")
+        b.read_until(lambda got: got.endswith(b"hello\n"))
+        b.received = bytearray()
+        # 400 lines of ~1 KB each: the transcript is far more than a pipe holds.
+        lines = [f"{i:04d} " + "x" * 900 for i in range(400)]
+        expected = "".join(f"{a.port}: {line}\n" for line in lines).encode()
+        for line in lines:
+            a.send(line + "\n")
+        assert b.read_until(lambda got: len(got) >= len(expected), timeout=20) == expected
+        # Churn under a stalled stderr too: warnings (resets) cannot block either.
+        for _ in range(50):
+            reset(Peer(address).sock)  # the server's recv() fails: a warning on stderr
+        a.send("still here\n")
+        b.received = bytearray()
+        b.expect(f"{a.port}: still here\n", timeout=10)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+        assert time.monotonic() - started < 2.0
+        a.close()
+        b.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# --- exposure: listening beyond loopback is never silent ------------------------------
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)])
+def test_listening_beyond_loopback_prints_one_warning(server_process, host, warned):
+    server = server_process("--host", host)
+    status, lines, err = server.stop()
+    assert status == 0
+    warning = f"Warning: listening on {host}: the chat is reachable from other machines\n"
+    assert err == (warning if warned else "")

@@ -1,16 +1,24 @@
 """Shutdown under load: SIGINT or SIGTERM with hundreds of clients connected,
 some of them stuck mid-send, ends the server within 2 s with status 0 and no
-traceback, and every client sees its connection closed."""
+traceback, and every client sees its connection closed; so does SIGTERM with
+10,000 clients connected, and a signal at any moment of start-up never
+shows a traceback of ours."""
 
+import os
+import random
+import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from conftest import Peer, wait_until
-from reliability_helpers import tcp_queues
+from conftest import SERVER_SCRIPT, Peer, wait_until
+from reliability_helpers import connect_idle, raise_fd_limit, tcp_queues
+from relayproc import process_usage
 
 IDLE = 300
 STUCK = 3
@@ -147,3 +155,76 @@ def test_clients_leaving_as_the_server_stops_are_logged_before_it_stops(server_p
         assert status == 0 and "Traceback" not in err
         assert lines[-1] == "Server stopped", (attempt, lines[-3:])
         assert sum(" closed (closed)" in line for line in lines) <= len(clients)
+
+
+# --- 10,000 clients connected (relay core v2; issue 11) -------------------------------
+
+@pytest.mark.timeout(120)
+def test_sigterm_with_10000_clients_exits_0_within_2s(server_process):
+    raise_fd_limit(10_000 + 1_000)
+    server = server_process("--quiet")
+    pid = server.proc.pid
+    threads0 = process_usage(pid)[0]
+    socks = connect_idle(server.address, 10_000)
+    try:
+        server.wait_for_count("New connection", 10_000, timeout=60)
+        wait_until(lambda: process_usage(pid)[0] >= threads0 + 10_000, timeout=30,
+                   message="a reader thread for every client")
+        started = time.monotonic()
+        status, lines, err = server.stop(signal.SIGTERM, timeout=10)
+        elapsed = time.monotonic() - started
+        assert status == 0 and "Traceback" not in err, err
+        assert elapsed < 2.0, f"SIGTERM took {elapsed:.2f}s"
+        assert lines[-1] == "Server stopped"
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# --- a signal at any moment of start-up -----------------------------------------------
+
+def _signal_caught(pid, signum):
+    """True once the process has a handler for `signum` (/proc's SigCgt mask)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+@pytest.mark.timeout(120)
+def test_sigint_at_any_moment_of_startup_never_shows_our_traceback():
+    """Ctrl-C at delays across the whole start-up. Python itself may be
+    interrupted before it runs the file's first line (killed by the signal, or
+    a traceback with no line of ours in it); from the first line on, the
+    server exits 0 without a traceback."""
+    rng = random.Random(os.getpid())
+    delays = [i / 1000 for i in range(0, 120, 6)] + [rng.uniform(0, 0.12) for _ in range(10)]
+    ours = re.compile(r'mychatserver\.py", line ([1-9]\d*)')
+    for delay in delays:
+        proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        time.sleep(delay)  # the moment of the signal is what is under test
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            # Python's own start-up caught the KeyboardInterrupt, printed it
+            # and went on (e.g. "Failed checking if argv[0] is an import path
+            # entry"): the signal never reached the script. A second one does.
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=5)
+            assert b"Traceback" in err and proc.returncode == 0, (delay, proc.returncode, err)
+        assert not ours.search(err.decode()), (delay, err.decode())
+        if proc.returncode != 0:  # Python's own: killed by the signal, or its KeyboardInterrupt
+            assert proc.returncode in (-signal.SIGINT, 1), (delay, proc.returncode, err)
+            assert b"KeyboardInterrupt" in err or proc.returncode == -signal.SIGINT, (delay, err)
+    # Once SIGTERM is caught the file's first lines have run: always 0 from then on.
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, str(SERVER_SCRIPT), "--port", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        wait_until(lambda: proc.poll() is not None or _signal_caught(proc.pid, signal.SIGTERM),
+                   message="the SIGTERM handler")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and b"Traceback" not in err, err
