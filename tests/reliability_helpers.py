@@ -24,7 +24,7 @@ def soak_seconds(default=6.0):
     return float(os.environ.get("CHAT_SOAK_SECONDS", default))
 
 
-# --- /proc/net/tcp ------------------------------------------------------------------
+# --- loopback TCP in /proc ------------------------------------------------------------------
 
 def tcp_queues(local_port, remote_port):
     """(send queue, receive queue) in bytes of the loopback TCP socket
@@ -40,6 +40,33 @@ def tcp_queues(local_port, remote_port):
                 tx, rx = fields[4].split(":")
                 return int(tx, 16), int(rx, 16)
     return None
+
+
+def tcp_sockets(pid):
+    """(local port, TCP state) of every TCP socket process `pid` holds, from
+    /proc/PID/fd and /proc/PID/net/tcp{,6}; state "0A" is LISTEN."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            match = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue  # closed meanwhile
+        if match:
+            inodes.add(match.group(1))
+    found = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                if fields[9] in inodes:
+                    found.append((int(fields[1].rsplit(":", 1)[1], 16), fields[3]))
+    return found
+
+
+def listening_ports(pid):
+    """TCP ports process `pid` is listening on, sorted."""
+    return sorted(port for port, state in tcp_sockets(pid) if state == "0A")
 
 
 # --- idle clients ------------------------------------------------------------------

@@ -4,7 +4,7 @@ chat_backbone_* families read over HTTP from each node's /metrics.
 
 Why: metrics/exporter.py translates cluster/'s backbone.stats() (the dict
 defined in metrics/README.md); the translation is property-tested in
-test_metrics.py, this proves the two packages agree on a live cluster.
+test_metrics_values.py, this proves the two packages agree on a live cluster.
 """
 
 import re

@@ -1,6 +1,9 @@
-"""The /metrics endpoint cannot hurt the room (issue 14): bounded connections,
-request and response timeouts, one thread, and one snapshot per window for a
-scrape storm. Real server processes and real sockets; counts, not timings.
+"""The /metrics endpoint as served: only when asked (without --metrics-port
+the server stays stdlib-only, with no second listening socket; issue 4),
+exit 1 when it cannot be served, and it cannot hurt the room (issue 14):
+bounded connections, request and response timeouts, one thread, and one
+snapshot per window for a scrape storm. Real server processes and real
+sockets; counts, not timings. What the metrics say: test_metrics_values.py.
 
 Why these tests exist: prometheus-client's start_http_server, used before,
 kept one thread and one descriptor per connection with no timeout. 300 idle
@@ -15,15 +18,18 @@ import re
 import resource
 import selectors
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
 
 import pytest
 
-from conftest import Peer, running_server, wait_until
+from conftest import SERVER_SCRIPT, Peer, running_server, wait_until
 from metrics import exporter as exporter_module
 from metrics.exporter import MAX_CONNECTIONS, REQUEST_TIMEOUT, start_metrics_server
+from reliability_helpers import listening_ports, tcp_sockets
 from relayproc import process_usage
 
 METRICS_LINE = re.compile(r"^Metrics on http://([\d.]+):(\d+)/metrics$")
@@ -73,17 +79,15 @@ def open_descriptors(pid):
 
 def http_connections(pid, port):
     """How many of the process' descriptors are connections accepted on `port`."""
-    inodes = {m.group(1) for m in (re.fullmatch(r"socket:\[(\d+)\]", link) for link in open_descriptors(pid)) if m}
-    with open(f"/proc/{pid}/net/tcp") as table:
-        rows = [line.split() for line in list(table)[1:]]
-    return sum(1 for row in rows if row[9] in inodes and int(row[1].rsplit(":", 1)[1], 16) == port
-               and row[3] != "0A")  # 0A = LISTEN
+    return sum(1 for local, state in tcp_sockets(pid) if local == port and state != "0A")  # 0A = LISTEN
 
 
 def close_all(socks):
     for sock in socks:
         sock.close()
 
+
+# --- bounded under attack (issue 14) -------------------------------------------------
 
 def test_300_idle_connections_hold_no_thread_and_few_descriptors(server_process):
     server = server_process("--quiet", "--metrics-port", "0")
@@ -350,3 +354,40 @@ def test_accepts_are_capped_per_second_whatever_the_storm_offers():
             assert len(served) == exporter.httpd.scrapes
         finally:
             exporter.stop()
+
+
+# --- served only when asked, and only where it can be ----------------------------------
+
+def test_server_without_metrics_port_is_stdlib_only(server_process):
+    """-X importtime makes the real server list every module it imports on stderr."""
+    proc = server_process(python_args=("-X", "importtime"))
+    assert listening_ports(proc.proc.pid) == [proc.address[1]]  # no second socket
+    assert not any("Metrics on" in line for line in proc.lines)
+    rc, _, err = proc.stop()
+    assert rc == 0
+    imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines()
+                if line.startswith("import time:") and "|" in line}
+    assert {"socket", "selectors", "threading"} <= imported  # the listing worked
+    assert sorted(m for m in imported if m.split(".")[0] in ("prometheus_client", "metrics")) == []
+
+
+def test_metrics_port_without_prometheus_client_exits_1():
+    """python -S: no site-packages, so prometheus_client cannot be imported."""
+    result = subprocess.run([sys.executable, "-S", str(SERVER_SCRIPT), "--port", "0", "--metrics-port", "0"],
+                            capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1
+    assert "No module named 'prometheus_client'" in result.stderr
+    assert result.stderr.rstrip().endswith("(./run-tests creates it; . .venv/bin/activate)")
+
+
+def test_metrics_port_in_use_exits_1():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--port", "0", "--metrics-port", str(port)],
+                                capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Cannot serve metrics on 127.0.0.1:{port}: ")
+    assert len(result.stderr.splitlines()) == 1

@@ -1,10 +1,12 @@
-"""Tests for the /metrics endpoint (metrics/exporter.py) against a real ChatServer.
+"""The metrics' values (metrics/exporter.py's ChatCollector): every chat_*
+figure equals exactly what happened, against a real ChatServer in this
+process, on arbitrary snapshots (hypothesis), and from the real program
+started with --metrics-port. How the endpoint is served and what it cannot
+do to the room: test_metrics_endpoint.py.
 
 Why these tests exist: issue 4 requires every counter to equal exactly what
-happened, also with many clients at once, and requires that the server
-without --metrics-port stays stdlib-only with no second listening socket.
-Values are read the way Prometheus reads them: over HTTP, parsed with
-prometheus_client.parser.
+happened, also with many clients at once. Values are read the way
+Prometheus reads them: over HTTP, parsed with prometheus_client.parser.
 
 The server counts a few things just after the observable event (a sender's
 counters after its fan-out, sent bytes after sendall() returns, a disconnect
@@ -22,7 +24,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -32,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from a2.mychatserver import DISCONNECT_REASONS, LATENCY_BUCKETS, VERSION, frame
 from conftest import SERVER_SCRIPT, Peer, running_server, wait_until
+from reliability_helpers import listening_ports
 from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, ChatCollector, start_metrics_server
 
 METRICS_LINE = re.compile(r"^Metrics on http://([\d.]+):(\d+)/metrics$")
@@ -126,23 +128,6 @@ def assert_histogram_matches(text, stats):
     assert values == [float(v) for v in itertools.accumulate(stats["relay_latency_counts"])]
     assert count == values[-1] == stats["messages_received_total"]
     assert total == stats["relay_latency_sum"]  # repr() round-trips a float exactly
-
-
-def listening_ports(pid):
-    """TCP ports the process `pid` is listening on (its sockets in LISTEN state)."""
-    inodes = set()
-    for link in (p.readlink() for p in Path(f"/proc/{pid}/fd").iterdir()):
-        match = re.fullmatch(r"socket:\[(\d+)\]", str(link))
-        if match:
-            inodes.add(match.group(1))
-    ports = []
-    for table in ("tcp", "tcp6"):
-        with open(f"/proc/{pid}/net/{table}") as f:
-            for line in itertools.islice(f, 1, None):
-                fields = line.split()
-                if fields[3] == "0A" and fields[9] in inodes:  # 0A = TCP_LISTEN
-                    ports.append(int(fields[1].rsplit(":", 1)[1], 16))
-    return sorted(ports)
 
 
 @pytest.fixture
@@ -554,38 +539,3 @@ def test_server_process_serves_metrics(server_process):
     assert rc == 0, err
     assert lines[-1] == "Server stopped"
     assert err == ""
-
-
-def test_server_without_metrics_port_is_stdlib_only(server_process):
-    """-X importtime makes the real server list every module it imports on stderr."""
-    proc = server_process(python_args=("-X", "importtime"))
-    assert listening_ports(proc.proc.pid) == [proc.address[1]]  # no second socket
-    assert not any("Metrics on" in line for line in proc.lines)
-    rc, _, err = proc.stop()
-    assert rc == 0
-    imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines()
-                if line.startswith("import time:") and "|" in line}
-    assert {"socket", "selectors", "threading"} <= imported  # the listing worked
-    assert sorted(m for m in imported if m.split(".")[0] in ("prometheus_client", "metrics")) == []
-
-
-def test_metrics_port_without_prometheus_client_exits_1():
-    """python -S: no site-packages, so prometheus_client cannot be imported."""
-    result = subprocess.run([sys.executable, "-S", str(SERVER_SCRIPT), "--port", "0", "--metrics-port", "0"],
-                            capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert len(result.stderr.splitlines()) == 1
-    assert "No module named 'prometheus_client'" in result.stderr
-    assert result.stderr.rstrip().endswith("(./run-tests creates it; . .venv/bin/activate)")
-
-
-def test_metrics_port_in_use_exits_1():
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, str(SERVER_SCRIPT), "--port", "0", "--metrics-port", str(port)],
-                                capture_output=True, text=True, timeout=15, stdin=subprocess.DEVNULL)
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert result.stderr.startswith(f"Cannot serve metrics on 127.0.0.1:{port}: ")
-    assert len(result.stderr.splitlines()) == 1
