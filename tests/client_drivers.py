@@ -12,6 +12,7 @@ import subprocess
 import sys
 import termios
 import threading
+import time
 
 from conftest import CLIENT_SCRIPT, wait_until
 
@@ -22,6 +23,14 @@ def screen_lines(raw):
     """What a terminal shows, roughly: escape sequences dropped, \\r\\n lines."""
     text = CSI.sub("", raw.decode(errors="replace"))
     return [line.split("\r")[-1] for line in text.split("\r\n")]
+
+
+def assert_exits(client, status=0, within=1.0, timeout=5):
+    """The client (either driver) exits with `status`, within `within` seconds
+    from now: call it right after whatever should end it."""
+    started = time.monotonic()
+    assert client.wait_exit(timeout=timeout) == status
+    assert time.monotonic() - started < within
 
 
 class TerminalClient:
