@@ -1592,6 +1592,9 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
         super().__init__(records)
         self.dropped = 0
 
+    def prepare(self, record):
+        return record  # as it is: the log writer formats it, and groups by record.msg
+
     def enqueue(self, record):
         try:
             self.queue.put_nowait(record)
