@@ -144,19 +144,20 @@ IPV6_HOST_PREFIX = 64  # one IPv6 customer gets a /64: that is one host
 
 # Flood control: a client sending more than this many messages per second,
 # after a burst, is not read until its budget allows; TCP back-pressure then
-# slows it down. Nothing it sent is dropped. 20/s and a burst of 100 are far
+# slows it down. Nothing it sent is dropped. 50/s and a burst of 100 are far
 # above a human typing or pasting a screenful, and a default Locust user
 # (1 message/s); 0 = off.
-DEFAULT_MAX_RATE = 20.0
+DEFAULT_MAX_RATE = 50.0
 DEFAULT_MAX_BURST = 100
 THROTTLE_CHECK = 0.1  # seconds: a throttled reader looks this often whether it was closed
 
 # One budget for the bytes waiting in all clients' outboxes together. Past
 # it, the slow consumers with the largest outboxes are dropped first, down to
-# MEMORY_LOW_WATER of it (one sort frees room for many rounds, not one).
+# MEMORY_LOW_WATER of it: one sort frees room for several rounds, and each
+# batch of dropped readers waking at once stays small (a herd costs the room).
 # 256 MiB: a thousand clients at their full outbound budget.
 DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
-MEMORY_LOW_WATER = 0.875
+MEMORY_LOW_WATER = 0.97
 
 REFUSAL_REASONS = ("full", "per_host", "connect_rate")
 LISTEN_BACKLOG = 1024         # connection bursts of thousands (load tests)
@@ -1311,7 +1312,7 @@ def _start_metrics(server, host, port):
         print(f"Cannot serve metrics on {host}:{port}: {_describe(exc)}", file=sys.stderr)
         return None
     _warn_if_exposed(host, "the metrics are")
-    log.info("Metrics on http://%s:%d/metrics", host, exporter.port)
+    log.info("Metrics on http://%s/metrics", host_port(host, exporter.port))
     return exporter
 
 
@@ -1688,7 +1689,8 @@ class LogWriter:
                     batch.append(records.get_nowait())
             except queue.Empty:
                 pass
-            now = time.monotonic()
+            # Summaries of the windows that ended; all of them when stopping.
+            now = float("inf") if None in batch else time.monotonic()
             batch[:0] = [logging.makeLogRecord({"msg": summary, "levelno": logging.WARNING,
                                                 "levelname": "WARNING", "summary": True})
                          for summary in gate.due(now)]

@@ -71,7 +71,8 @@ RSS_PER_CLIENT_KIB = 20.0   # issue 11's promise at 10,000 clients
 PREVIOUS_COMMIT = "a25aa6b"  # the last commit before relay core v2 (one Sender thread)
 DEFAULT_OUT = ROOT / "out"   # git-ignored (/out*/): a run never touches loadtest/results/ unless asked
 RELAYS = {
-    "project": [str(ROOT / "a2" / "mychatserver.py"), "--port", "0", "--quiet"],
+    # Flood control off: each of the benchmark's senders sends thousands a second.
+    "project": [str(ROOT / "a2" / "mychatserver.py"), "--port", "0", "--quiet", "--max-rate", "0"],
     # filled by extract_previous(): the script path inside a temporary directory
     "previous": [None, "--port", "0", "--quiet"],
     "baseline": [str(HERE / "baseline_server.py"), "--port", "0"],

@@ -48,10 +48,10 @@ class Setup:
         self.kind = kind
         self.redis = None
         if kind == "single":
-            self.nodes = [Node(None, args=["--quiet"])]
+            self.nodes = [Node(None, args=["--quiet", "--max-rate", "0"])]
         else:
             self.redis = RedisServer(appendonly=True).start()
-            self.nodes = [Node(self.redis.url(), args=["--quiet"], wait=False) for _ in range(NODES)]
+            self.nodes = [Node(self.redis.url(), args=["--quiet", "--max-rate", "0"], wait=False) for _ in range(NODES)]
             for node in self.nodes:
                 node.wait_listening()
             for node in self.nodes:  # every node reads the stream and hears the others

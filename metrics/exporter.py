@@ -356,7 +356,9 @@ class MetricsHTTPServer:
         self.response_timeout = response_timeout
         self.snapshot_window = snapshot_window
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        dual_stack = host == "::" and socket.has_dualstack_ipv6()  # "::" takes IPv4 too
+        self._listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG,
+                                              dualstack_ipv6=dual_stack)
         self._listener.setblocking(False)
         self.server_address = self._listener.getsockname()[:2]
         self._wake_reader, self._wake_writer = socket.socketpair()

@@ -121,7 +121,8 @@ def cluster():
     def start(nodes=3, appendonly=True, clients_per_node=1, **query):
         redis_server = RedisServer(appendonly=appendonly).start()
         made.append(redis_server)
-        started = start_nodes(redis_server.url(**query), nodes, args=["--quiet"])
+        # Flood control off: these clients send hundreds of messages at once.
+        started = start_nodes(redis_server.url(**query), nodes, args=["--quiet", "--max-rate", "0"])
         made.extend(started)
         for node in started:  # every node reads the stream and hears the others
             wait_until(lambda: all(node.count(f"hearing node {other.node_id}")

@@ -116,6 +116,7 @@ def test_a_connection_storm_is_refused_by_rate_and_logged_in_few_lines(server_pr
         alice.send(f"still here {attempts}\n")  # bob hears the admitted storm lines too
         bob.read_until(lambda got: f"{alice.port}: still here {attempts}\n".encode() in got)
         latencies.append(time.perf_counter() - started)
+        time.sleep(0.05)  # alice chats at under 20 lines a second, within flood control
     # At most the burst (16, the per-host limit) and 20 a second got in.
     refused = server.count("Refusing", server.errors)
     admitted = server.count("New connection from ('127.0.0.2'")
@@ -153,6 +154,26 @@ def test_a_flooder_is_slowed_to_its_rate_and_loses_nothing():
         stats = server.stats()
         assert stats["throttle_pauses_total"] > 0 and stats["throttled_clients"] == 0
         assert stats["disconnects_total"]["slow_consumer"] == 0
+
+
+def test_at_the_defaults_a_reader_that_pauses_1s_during_a_flood_is_kept():
+    with running_server() as server:
+        flooder, pauser = Peer(server.address), Peer(server.address)
+        wait_until(lambda: server.client_count == 2, message="2 clients")
+        line = "f" * 990
+        flood = b"".join(f"{i:05d} {line}\n".encode() for i in range(20000))  # 20 MB
+        flooder.sock.setblocking(False)
+        sent, started = 0, time.monotonic()
+        while time.monotonic() - started < 1.5:  # flood as fast as TCP takes it; pauser reads nothing
+            try:
+                sent += flooder.sock.send(flood[sent:sent + 65536])
+            except BlockingIOError:
+                time.sleep(0.001)
+        assert server.stats()["disconnects_total"]["slow_consumer"] == 0
+        relayed = server.stats()["messages_relayed_total"]
+        assert 100 <= relayed <= (100 + 50 * 1.5) * 1.1 + 5, relayed  # burst + rate
+        got = lines_of(pauser, relayed, timeout=10)
+        assert got == [f"{flooder.port}: {i:05d} {line}" for i in range(relayed)]
 
 
 def test_a_flooders_exit_comes_after_its_lines():
@@ -356,3 +377,15 @@ def test_thousands_of_refusals_write_a_handful_of_lines(server_process):
     assert server.count("Refusing", server.errors) == 5
     assert len(server.errors) <= 6
     holder.close()
+
+
+@needs_ipv6
+def test_metrics_on_ipv6(server_process):
+    import re
+    import urllib.request
+    server = server_process("--quiet", "--metrics-port", "0", "--metrics-host", "::1")
+    match = wait_until(lambda: server._find(re.compile(r"^Metrics on http://\[::1\]:(\d+)/metrics$")),
+                       message="the metrics line")
+    with urllib.request.urlopen(f"http://[::1]:{match.group(1)}/metrics", timeout=5) as response:
+        body = response.read().decode()
+    assert 'chat_refused_connections_total' in body or "chat_clients" in body
