@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from a2.mychatserver import DISCONNECT_REASONS, LATENCY_BUCKETS, VERSION, frame
+from a2.mychatserver import (DEFAULT_MEMORY_BUDGET, DISCONNECT_REASONS, LATENCY_BUCKETS, LOG_FLOOD_LINES,
+                             REFUSAL_REASONS, VERSION, frame)
 from conftest import SERVER_SCRIPT, Peer, running_server, wait_until
 from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, ChatCollector, start_metrics_server
 
@@ -66,7 +67,9 @@ def chat_values(text):
 
 def expected_values(*, connections, clients, max_clients, received, relayed, received_bytes,
                     sent_bytes, backlog=0, max_backlog=0, accept_errors=None, flow_pauses=0,
-                    flow_pause_seconds=0.0, log_dropped=0, version=VERSION, **disconnects):
+                    flow_pause_seconds=0.0, log_dropped=0, version=VERSION, refused=None, throttled=0,
+                    throttle_pauses=0, throttled_seconds=0.0, budget_bytes=DEFAULT_MEMORY_BUDGET,
+                    log_summarised=0, **disconnects):
     values = {
         "chat_connections_total": connections,
         "chat_clients": clients,
@@ -81,30 +84,41 @@ def expected_values(*, connections, clients, max_clients, received, relayed, rec
         "chat_flow_control_pauses_total": flow_pauses,
         "chat_flow_control_pause_seconds_total": flow_pause_seconds,
         "chat_log_lines_dropped_total": log_dropped,
+        "chat_throttled_clients": throttled,
+        "chat_throttle_pauses_total": throttle_pauses,
+        "chat_throttled_seconds_total": throttled_seconds,
+        "chat_memory_budget_bytes": budget_bytes,
+        "chat_log_lines_summarised_total": log_summarised,
     }
     assert set(disconnects) <= set(DISCONNECT_REASONS), disconnects
     for reason in DISCONNECT_REASONS:
         values[f'chat_disconnects_total{{reason="{reason}"}}'] = disconnects.get(reason, 0)
     for reason in ACCEPT_ERROR_REASONS:
         values[f'chat_accept_errors_total{{reason="{reason}"}}'] = (accept_errors or {}).get(reason, 0)
+    assert set(refused or {}) <= set(REFUSAL_REASONS), refused
+    for reason in REFUSAL_REASONS:
+        values[f'chat_refused_connections_total{{reason="{reason}"}}'] = (refused or {}).get(reason, 0)
     return {key: float(value) for key, value in values.items()}
 
 
 def scrape_until(url, expected, timeout=5.0):
     """Scrape until the chat_ values equal `expected`; then return the full text.
-    On timeout, fail with the difference between the last scrape and `expected`."""
-    last = {}
+    On timeout, fail with the difference between the last scrape and `expected`.
+    `expected` may be a function, called afresh for each scrape (values that
+    must settle, e.g. taken from server.stats())."""
+    last, want = {}, {}
 
     def matches():
-        nonlocal last
+        nonlocal last, want
+        want = expected() if callable(expected) else expected
         text = fetch(url)
         last = chat_values(text)
-        return text if last == expected else None
+        return text if last == want else None
 
     try:
         return wait_until(matches, timeout, message="exact metric values")
     except AssertionError:
-        assert last == expected  # shows the diff
+        assert last == want  # shows the diff
         raise
 
 
@@ -178,7 +192,9 @@ def test_fresh_server_exposes_every_family_at_zero(metered):
         "chat_messages_relayed", "chat_received_bytes", "chat_sent_bytes", "chat_disconnects",
         "chat_outbound_backlog_bytes", "chat_relay_latency_seconds", "chat_build_info",
         "chat_max_client_backlog_bytes", "chat_accept_errors", "chat_flow_control_pauses",
-        "chat_flow_control_pause_seconds", "chat_log_lines_dropped"]
+        "chat_flow_control_pause_seconds", "chat_log_lines_dropped",
+        "chat_refused_connections", "chat_throttled_clients", "chat_throttle_pauses",
+        "chat_throttled_seconds", "chat_memory_budget_bytes", "chat_log_lines_summarised"]
     assert {name: found[name].type for name in found if name.startswith("chat_")} == {
         "chat_connections": "counter", "chat_clients": "gauge", "chat_max_clients": "gauge",
         "chat_messages_received": "counter", "chat_messages_relayed": "counter",
@@ -187,7 +203,10 @@ def test_fresh_server_exposes_every_family_at_zero(metered):
         "chat_relay_latency_seconds": "histogram", "chat_build_info": "gauge",
         "chat_max_client_backlog_bytes": "gauge", "chat_accept_errors": "counter",
         "chat_flow_control_pauses": "counter", "chat_flow_control_pause_seconds": "counter",
-        "chat_log_lines_dropped": "counter"}
+        "chat_log_lines_dropped": "counter",
+        "chat_refused_connections": "counter", "chat_throttled_clients": "gauge",
+        "chat_throttle_pauses": "counter", "chat_throttled_seconds": "counter",
+        "chat_memory_budget_bytes": "gauge", "chat_log_lines_summarised": "counter"}
     assert not any(name.startswith("chat_backbone") for name in found)  # no --backbone
     # METRIC_NAMES (used by the docs tests) is the exposed list, as Prometheus names series.
     assert list(METRIC_NAMES) == [name + "_total" if found[name].type == "counter" else name
@@ -253,7 +272,7 @@ def test_scripted_conversation_every_value_exact(metered):
         relayed=10,     # 2 + 2*2 + 2 + 2
         received_bytes=len(b"hello\n" b"one\ntwo\n" b"exit\n" b"hi there\n" b"   \n" b"bye\n"),
         sent_bytes=sent,  # relayed frames only; e's "Server full" notice is not a chat frame
-        exit=1, closed=1, rejected=1)
+        exit=1, closed=1, rejected=1, refused={"full": 1})
     text = scrape_until(exporter.url, expected)
     assert_histogram_matches(text, server.stats())
     for peer in (a, d, e):
@@ -338,7 +357,7 @@ def test_many_clients_sending_at_once_counters_exact(metered):
 def test_slow_consumer_drop_is_counted(metered):
     """A client that never reads is dropped (reason slow_consumer); the counters
     that are knowable exactly are exact, the others are bounded."""
-    server, exporter = metered(outbound_budget=4096)
+    server, exporter = metered(outbound_budget=4096, max_rate=0)  # no flood control: it floods
     sender = Peer(server.address)
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill the kernel's buffers sooner
@@ -414,7 +433,8 @@ seconds = st.floats(min_value=0, max_value=1e9, allow_nan=False)
 SCALAR_KEYS = ("connections_total", "clients", "max_clients", "messages_received_total",
                "messages_relayed_total", "received_bytes_total", "sent_bytes_total",
                "outbound_backlog_bytes", "max_client_backlog_bytes", "flow_control_pauses_total",
-               "log_lines_dropped_total")
+               "log_lines_dropped_total", "throttled_clients", "throttle_pauses_total",
+               "memory_budget_bytes", "log_lines_summarised_total")
 # The backbone's stats() dict, exactly as metrics/README.md and /work/briefs/backbone-stats.md define it.
 BACKBONE_COUNTS = ("entries_out_total", "messages_out_total", "entries_in_total", "messages_in_total",
                    "reconnects_total", "publish_errors_total", "outbox_bytes", "outbox_budget_bytes",
@@ -442,12 +462,14 @@ backbones = st.none() | st.fixed_dictionaries({
 @given(scalars=st.lists(counts, min_size=len(SCALAR_KEYS), max_size=len(SCALAR_KEYS)),
        disconnects=st.lists(counts, min_size=len(DISCONNECT_REASONS), max_size=len(DISCONNECT_REASONS)),
        accept_errors=st.lists(counts, min_size=len(ACCEPT_ERROR_REASONS), max_size=len(ACCEPT_ERROR_REASONS)),
+       refused=st.lists(counts, min_size=len(REFUSAL_REASONS), max_size=len(REFUSAL_REASONS)),
+       throttled_seconds=seconds,
        latency=st.lists(st.integers(0, 10**9), min_size=len(LATENCY_BUCKETS) + 1,
                         max_size=len(LATENCY_BUCKETS) + 1),
        latency_sum=seconds, pause_seconds=seconds, version=st.sampled_from(["2.0.0", "2.1.0-rc1"]),
        backbone=backbones)
 def test_any_snapshot_round_trips_exactly(scalars, disconnects, accept_errors, latency, latency_sum,
-                                          pause_seconds, version, backbone):
+                                          pause_seconds, version, backbone, refused, throttled_seconds):
     """Whatever stats() says is what a parser reads back: integers up to 2**53
     and the float sums survive the text format, buckets come out cumulative,
     and the backbone families appear exactly when stats()["backbone"] is a dict."""
@@ -456,7 +478,9 @@ def test_any_snapshot_round_trips_exactly(scalars, disconnects, accept_errors, l
                  accept_errors_total=dict(zip(ACCEPT_ERROR_REASONS, accept_errors)),
                  relay_latency_buckets=LATENCY_BUCKETS, relay_latency_counts=latency,
                  relay_latency_sum=latency_sum, messages_received_total=sum(latency),
-                 flow_control_pause_seconds_total=pause_seconds, version=version, backbone=backbone)
+                 flow_control_pause_seconds_total=pause_seconds, version=version, backbone=backbone,
+                 refused_connections_total=dict(zip(REFUSAL_REASONS, refused)),
+                 throttled_seconds_total=throttled_seconds)
     registry = CollectorRegistry()
     registry.register(ChatCollector(FakeServer(stats)))
     text = generate_latest(registry).decode()
@@ -471,7 +495,10 @@ def test_any_snapshot_round_trips_exactly(scalars, disconnects, accept_errors, l
         max_backlog=stats["max_client_backlog_bytes"],
         accept_errors=stats["accept_errors_total"], flow_pauses=stats["flow_control_pauses_total"],
         flow_pause_seconds=pause_seconds, log_dropped=stats["log_lines_dropped_total"],
-        version=version, **dict(zip(DISCONNECT_REASONS, disconnects)))
+        version=version, refused=stats["refused_connections_total"], throttled=stats["throttled_clients"],
+        throttle_pauses=stats["throttle_pauses_total"], throttled_seconds=throttled_seconds,
+        budget_bytes=stats["memory_budget_bytes"], log_summarised=stats["log_lines_summarised_total"],
+        **dict(zip(DISCONNECT_REASONS, disconnects)))
     assert_histogram_matches(text, stats)
     found = families(text)
     if backbone is None:
@@ -493,7 +520,8 @@ def _zero_stats(**overrides):
     stats = dict.fromkeys(SCALAR_KEYS, 0)
     stats.update(disconnects_total={}, accept_errors_total={}, relay_latency_buckets=(0.1, 1.0),
                  relay_latency_counts=[0, 0, 0], relay_latency_sum=0.0,
-                 flow_control_pause_seconds_total=0.0, version="2.0.0", backbone=None)
+                 flow_control_pause_seconds_total=0.0, version="2.0.0", backbone=None,
+                 refused_connections_total={}, throttled_seconds_total=0.0)
     stats.update(overrides)
     return stats
 

@@ -24,7 +24,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from a2.mychatserver import DISCONNECT_REASONS, VERSION, ChatServer, frame
+from a2.mychatserver import DEFAULT_MEMORY_BUDGET, DISCONNECT_REASONS, REFUSAL_REASONS, VERSION, ChatServer, frame
 from conftest import ROOT, Peer, wait_until
 from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, start_metrics_server
 
@@ -397,10 +397,16 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
             ("chat_flow_control_pauses_total", ""): 0.0,
             ("chat_flow_control_pause_seconds_total", ""): 0.0,
             ("chat_log_lines_dropped_total", ""): 0.0,
+            **{("chat_refused_connections_total", reason): 0.0 for reason in REFUSAL_REASONS},
+            ("chat_throttled_clients", ""): 0.0,
+            ("chat_throttle_pauses_total", ""): 0.0,
+            ("chat_throttled_seconds_total", ""): 0.0,
+            ("chat_memory_budget_bytes", ""): float(DEFAULT_MEMORY_BUDGET),
+            ("chat_log_lines_summarised_total", ""): 0.0,
         }
         selector = (f'{{job="chat", instance="{metrics_address}", __name__=~"up|chat_[a-z_]+_total|chat_clients'
                     '|chat_max_clients|chat_outbound_backlog_bytes|chat_relay_latency_seconds_count'
-                    '|chat_build_info|chat_max_client_backlog_bytes"}')
+                    '|chat_build_info|chat_max_client_backlog_bytes|chat_throttled_clients|chat_memory_budget_bytes"}')
         last = {}
 
         def values():
