@@ -11,6 +11,10 @@ counters after its fan-out, sent bytes after sendall() returns, a disconnect
 after the connection's threads finish), so each test waits, with a deadline,
 until the scrape equals the exact expected values and then asserts equality:
 a wrong value fails with a full diff, never with a timeout alone.
+
+Issue 19 (strangers) adds refusals by reason, flood control, the memory
+budget and the log flood gate: each is caused for real against a running
+server and its exported value checked exactly.
 """
 
 import itertools
@@ -387,6 +391,177 @@ def test_slow_consumer_drop_is_counted(metered):
     stuck.close()
     sender.close()
 
+
+
+# --- strangers (issue 19): refusals, flood control, the memory budget ----------------------
+
+PER_HOST_NOTICE = b"Too many connections from your address (1). Try again later.\n"
+
+
+def refused(address, source=None):
+    """Connect (from `source`, e.g. 127.0.0.2: another host on loopback) and
+    return the one-line notice the server closed the connection with."""
+    peer = Peer(address, source=source)
+    try:
+        return peer.expect_closed()
+    finally:
+        peer.close()
+
+
+def test_refusals_by_reason_every_value_exact(metered):
+    """3 per_host, 2 connect_rate and 1 full refusal, each exported under its
+    reason, and each one a `rejected` disconnect too."""
+    server, exporter = metered(max_clients=3, max_per_host=1, max_connect_rate=0.001,
+                               exempt_hosts="127.0.0.1/32")
+    holder = Peer(server.address, source="127.0.0.2")  # takes 127.0.0.2's one slot
+    wait_until(lambda: server.client_count == 1, message="127.0.0.2's first connection")
+    for _ in range(3):
+        assert refused(server.address, "127.0.0.2") == PER_HOST_NOTICE
+
+    # 127.0.0.3 spends its one connection token (0.001/s: none comes back in
+    # this test), leaves, and its next two connections come too soon.
+    visitor = Peer(server.address, source="127.0.0.3")
+    wait_until(lambda: server.client_count == 2, message="127.0.0.3 admitted")
+    assert visitor.leave() == b""
+    wait_until(lambda: server.client_count == 1, message="127.0.0.3 gone")
+    for _ in range(2):
+        assert refused(server.address, "127.0.0.3") == (
+            b"Connecting too often (more than 0.001 a second). Try again later.\n")
+
+    # 127.0.0.1 is exempt from the per-host limits, not from --max-clients.
+    locals_ = [Peer(server.address) for _ in range(2)]
+    wait_until(lambda: server.client_count == 3, message="3 clients")
+    assert refused(server.address) == b"Server full (3 clients). Try again later.\n"
+
+    expected = expected_values(
+        connections=10,  # 1 + 3 from 127.0.0.2, 1 + 2 from 127.0.0.3, 2 + 1 from 127.0.0.1
+        clients=3, max_clients=3, received=0, relayed=0, received_bytes=len(b"exit"),  # leave()
+        sent_bytes=0, exit=1, rejected=6, refused={"per_host": 3, "connect_rate": 2, "full": 1})
+    text = scrape_until(exporter.url, expected)
+    assert server.stats()["refused_connections_total"] == {"full": 1, "per_host": 3, "connect_rate": 2}
+    assert families(text)["chat_refused_connections"].type == "counter"
+    for peer in [holder, *locals_]:
+        peer.close()
+
+
+def test_flood_control_pause_is_exported(metered):
+    """A client over --max-rate is paused (never dropped): chat_throttled_clients
+    is 1 while it waits, and the pause is counted once it ends."""
+    server, exporter = metered(max_rate=0.5, max_burst=1)  # one line, then one every 2 s
+    flooder, reader = Peer(server.address), Peer(server.address)
+    wait_until(lambda: server.client_count == 2, message="2 clients")
+    flooder.send("one\ntwo\n")
+    reader.expect(frame(flooder.port, "one"))
+    # "two" waits 2 s for its token; the flooder is shown paused meanwhile.
+    wait_until(lambda: chat_values(fetch(exporter.url))["chat_throttled_clients"] == 1.0,
+               message="chat_throttled_clients == 1 during the pause")
+    reader.expect(frame(flooder.port, "two"), timeout=10)
+
+    def expected():
+        stats = server.stats()
+        return expected_values(
+            connections=2, clients=2, max_clients=server.max_clients, received=2, relayed=2,
+            received_bytes=len(b"one\ntwo\n"),
+            sent_bytes=len(frame(flooder.port, "one") + frame(flooder.port, "two")),
+            flow_pauses=stats["flow_control_pauses_total"],
+            flow_pause_seconds=stats["flow_control_pause_seconds_total"],
+            throttled=0, throttle_pauses=1, throttled_seconds=stats["throttled_seconds_total"])
+
+    scrape_until(exporter.url, expected)
+    # One pause, of at least the 2 s that one token takes at 0.5 lines/s
+    # (a little less if "two" arrived in a later read than "one").
+    assert 1.9 <= server.stats()["throttled_seconds_total"] < 10
+    flooder.close()
+    reader.close()
+
+
+def test_memory_budget_eviction_and_outbox_total_are_exported(metered):
+    """The outbox total is exported exactly while a client does not read; past
+    --memory-budget that client is dropped (reason memory_budget) and the total
+    returns to 0."""
+    budget = 512 * 1024
+    server, exporter = metered(max_rate=0, memory_budget=budget, outbound_budget=64 * 1024 * 1024)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # refuses data soon
+    stuck.connect(server.address)
+    flooder, reader = Peer(server.address, timeout=15), Peer(server.address, timeout=15)
+    wait_until(lambda: server.client_count == 3, message="3 clients")
+    line = "x" * 900
+    sent = 0
+
+    def flood(lines):
+        nonlocal sent
+        flooder.send(f"{line}\n" * lines)
+        sent += lines
+        reader.read_until(lambda got: got.count(b"\n") >= sent, timeout=15)
+
+    def settled(**known):
+        """Expected values for whatever the server could not know in advance
+        (bytes the stuck client's kernel took), from a fresh snapshot."""
+        def expected():
+            stats = server.stats()
+            return expected_values(
+                connections=3, clients=server.client_count, max_clients=server.max_clients,
+                received=sent, relayed=stats["messages_relayed_total"],
+                received_bytes=sent * (len(line) + 1), sent_bytes=stats["sent_bytes_total"],
+                backlog=stats["outbound_backlog_bytes"], max_backlog=stats["max_client_backlog_bytes"],
+                flow_pauses=stats["flow_control_pauses_total"],
+                flow_pause_seconds=stats["flow_control_pause_seconds_total"],
+                budget_bytes=budget, **known)
+        return expected
+
+    deadline = time.monotonic() + 20
+    while server.stats()["outbound_backlog_bytes"] == 0:
+        assert time.monotonic() < deadline, "the stuck client's outbox never grew"
+        flood(20)
+    # Nothing more is sent: the stuck client's outbox stays as it is, and is
+    # exported exactly: the only outbox, so the total and the largest agree.
+    text = scrape_until(exporter.url, settled())
+    values = chat_values(text)
+    assert 0 < values["chat_outbound_backlog_bytes"] == values["chat_max_client_backlog_bytes"] < budget
+
+    while server.stats()["disconnects_total"]["memory_budget"] == 0:
+        assert time.monotonic() < deadline, "the stuck client was never dropped"
+        flood(20)
+    wait_until(lambda: server.client_count == 2, message="the stuck client removed")
+    text = scrape_until(exporter.url, settled(memory_budget=1))
+    values = chat_values(text)
+    assert values["chat_outbound_backlog_bytes"] == values["chat_max_client_backlog_bytes"] == 0
+    assert 0 < values["chat_messages_relayed_total"] - sent <= sent  # some were queued for `stuck`
+    stuck.close()
+    flooder.close()
+    reader.close()
+
+
+def test_server_process_exports_refusals_and_summarised_log_lines(server_process):
+    """The real command line: per-host refusals from 127.0.0.1 (nothing exempt),
+    each one a warning; past LOG_FLOOD_LINES of them the log flood gate holds
+    the rest back, and exactly those are counted as summarised."""
+    proc = server_process("--metrics-port", "0", "--quiet", "--max-per-host", "1",
+                          "--max-connect-rate", "0", "--exempt-hosts", "",
+                          "--memory-budget", "1000000")
+    match = next(filter(None, map(METRICS_LINE.match, proc.lines)))
+    url = f"http://127.0.0.1:{match.group(2)}/metrics"
+    holder = Peer(proc.address)
+    proc.wait_for_count("New connection", 1)
+    refusals = 12
+    for _ in range(refusals):
+        assert refused(proc.address) == PER_HOST_NOTICE
+
+    def shown():  # warnings written as they are; the summary line starts with "..."
+        return sum(line.startswith("Refusing") for line in list(proc.errors))
+
+    def expected():
+        return expected_values(
+            connections=1 + refusals, clients=1, max_clients=10_000, received=0, relayed=0,
+            received_bytes=0, sent_bytes=0, rejected=refusals, refused={"per_host": refusals},
+            budget_bytes=1_000_000, log_summarised=refusals - shown())
+
+    scrape_until(url, expected)
+    assert LOG_FLOOD_LINES <= shown() < refusals  # some were held back
+    holder.close()
+    rc, _, err = proc.stop()
+    assert rc == 0, err
 
 def test_exporter_defaults_to_loopback_and_stop_closes_the_port():
     with running_server() as server:
