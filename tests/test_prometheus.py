@@ -38,6 +38,7 @@ README = METRICS_DIR / "README.md"
 ALERTS = ["ChatServerDown", "ChatServerTargetMissing", "ChatSlowConsumerDrops",
           "ChatRelayLatencyHigh", "ChatClientsAtMaximum", "ChatFileDescriptorsNearLimit",
           "ChatServerRestarted", "ChatAcceptErrors", "ChatLogLinesDropped",
+          "ChatConnectionStorm", "ChatMemoryBudgetEvictions", "ChatClientsThrottled",
           "ChatBackboneDown", "ChatBackboneGap", "ChatBackboneOutboxHigh", "ChatBackboneDelayHigh"]
 BACKBONE_ALERTS = ALERTS[-4:]
 RECORDING_RULES = ["instance:chat_messages_received:rate1m", "instance:chat_messages_relayed:rate1m",
