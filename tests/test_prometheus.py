@@ -214,13 +214,16 @@ def test_dashboard_is_importable_and_covers_the_issue():
             assert unit is not None and unit != "short", panel["title"]
             assert unit in units or unit.startswith("suffix: "), (panel["title"], unit)
     assert rows == ["Health", "Traffic", "Disconnects and errors, per instance", "Process",
-                    "Backbone, per instance (only with --backbone)"]
+                    "Backbone, per instance (only with --backbone)", "Strangers"]
     by_title = {p["title"]: p for p in panels}
     assert by_title["Messages per second"]["fieldConfig"]["defaults"]["unit"] == "suffix: msg/s"
     assert by_title["Relay latency heatmap"]["targets"][0]["format"] == "heatmap"
     assert by_title["Relay latency heatmap"]["options"]["calculate"] is False  # Prometheus' own buckets
     assert {"CPU", "Resident memory", "Open descriptors vs limit", "Target up", "Firing alerts",
             "Disconnects by reason", "Slow-consumer drops"} <= set(by_title)
+    # Issue 19's strangers: refusals by reason, throttling, outboxes vs the memory budget, evictions.
+    assert {"Refused connections by reason", "Throttled clients", "Outbox vs memory budget",
+            "Memory-budget evictions", "Flood-control pauses and summarised log lines"} <= set(by_title)
 
     queries = dashboard_queries()
     # Every chat_ series a panel queries is one the exporter exposes.
