@@ -392,7 +392,6 @@ def test_slow_consumer_drop_is_counted(metered):
     sender.close()
 
 
-
 # --- strangers (issue 19): refusals, flood control, the memory budget ----------------------
 
 PER_HOST_NOTICE = b"Too many connections from your address (1). Try again later.\n"
