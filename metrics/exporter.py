@@ -58,6 +58,10 @@ HTTP 500, which the tests would catch):
         version, max_client_backlog_bytes, accept_errors_total {reason: n},
         flow_control_pauses_total, flow_control_pause_seconds_total,
         log_lines_dropped_total, backbone (None or the dict below)
+    server, strangers (issue 19; every key present from the first call, zeros included):
+        refused_connections_total {reason: n} (reasons: full, per_host, connect_rate),
+        throttled_clients, throttle_pauses_total, throttled_seconds_total,
+        memory_budget_bytes, log_lines_summarised_total
     backbone (stats()["backbone"], owned by cluster/; also metrics/README.md):
         {"connected": bool,               "entries_out_total": int,
          "messages_out_total": int,       "entries_in_total": int,
@@ -139,6 +143,13 @@ METRIC_NAMES = (
     "chat_flow_control_pauses_total",
     "chat_flow_control_pause_seconds_total",
     "chat_log_lines_dropped_total",
+    # Strangers (issue 19): refusals, flood control, the memory budget, the log flood gate.
+    "chat_refused_connections_total",
+    "chat_throttled_clients",
+    "chat_throttle_pauses_total",
+    "chat_throttled_seconds_total",
+    "chat_memory_budget_bytes",
+    "chat_log_lines_summarised_total",
 )
 # Exposed only when the server runs with --backbone (stats()["backbone"] is a dict).
 BACKBONE_METRIC_NAMES = (
@@ -162,7 +173,7 @@ BACKBONE_METRIC_NAMES = (
 # Prometheus' UI, so it says exactly what is counted and what is not.
 _SCALARS = (
     ("chat_connections_total", "counter", "connections_total",
-     "TCP connections accepted, including ones then refused because the server was full."),
+     "TCP connections accepted, including ones then refused (see chat_refused_connections_total)."),
     ("chat_clients", "gauge", "clients",
      "Clients connected now (those messages are relayed to)."),
     ("chat_max_clients", "gauge", "max_clients",
@@ -190,6 +201,19 @@ _FLOW_AND_LOG = (
      "Total seconds senders' readers waited for back-pressure to clear."),
     ("chat_log_lines_dropped_total", "counter", "log_lines_dropped_total",
      "Log lines dropped because the log output was stalled (the server never blocks on logging)."),
+)
+# Strangers (issue 19), after the refusals by reason, in the same form.
+_STRANGERS = (
+    ("chat_throttled_clients", "gauge", "throttled_clients",
+     "Clients paused by flood control right now (--max-rate/--max-burst): not read until their budget allows."),
+    ("chat_throttle_pauses_total", "counter", "throttle_pauses_total",
+     "Times a client was paused by flood control (its lines are delayed, never dropped)."),
+    ("chat_throttled_seconds_total", "counter", "throttled_seconds_total",
+     "Total seconds clients were paused by flood control; rate() of it is the average number of clients paused."),
+    ("chat_memory_budget_bytes", "gauge", "memory_budget_bytes",
+     "The configured --memory-budget: past it, all outboxes together, the largest outboxes are dropped."),
+    ("chat_log_lines_summarised_total", "counter", "log_lines_summarised_total",
+     "Warnings held back by the log flood gate and summed up in one '... and N more like' line."),
 )
 
 _BACKBONE_SCALARS = (
@@ -223,7 +247,8 @@ _BACKBONE_SCALARS = (
 
 _DISCONNECTS_HELP = ("Connections ended, by reason: exit (client sent exit), closed (client closed), "
                      "error (socket error), slow_consumer (outbound queue over budget), "
-                     "rejected (server full), shutdown (server stopping), "
+                     "memory_budget (largest outbox, all outboxes together over --memory-budget), "
+                     "rejected (refused: full, per_host or connect_rate), shutdown (server stopping), "
                      "backbone_gap (the backbone lost messages for this node's clients).")
 _BACKLOG_HELP = "Bytes queued for clients but not yet accepted by their sockets, summed over clients."
 _LATENCY_HELP = ("Relay latency: from a read's arrival at the server to its messages' frames being "
@@ -231,6 +256,9 @@ _LATENCY_HELP = ("Relay latency: from a read's arrival at the server to its mess
 _BUILD_HELP = "Always 1; the label `version` is the server's VERSION (also `mychatserver.py --version`)."
 _ACCEPT_ERRORS_HELP = ("accept() failures by reason: emfile/enfile (out of file descriptors, process/system), "
                        "enobufs/enomem (out of kernel memory), other. The client waits in the backlog.")
+_REFUSED_HELP = ("Connections refused with a one-line notice, by reason: full (--max-clients), "
+                 "per_host (--max-per-host), connect_rate (--max-connect-rate). Each is also a "
+                 "disconnect with reason rejected.")
 _DELAY_HELP = ("Backbone delay: from the publishing node's publish time (wall clock) to the "
                "messages being handed to this node's clients. Observed once per message.")
 
@@ -299,6 +327,9 @@ class ChatCollector:
         families.append(_labelled("chat_accept_errors_total", _ACCEPT_ERRORS_HELP, "reason",
                                   get("accept_errors_total")))
         families += [_scalar(name, kind, help_text, get(key)) for name, kind, key, help_text in _FLOW_AND_LOG]
+        families.append(_labelled("chat_refused_connections_total", _REFUSED_HELP, "reason",
+                                  get("refused_connections_total")))
+        families += [_scalar(name, kind, help_text, get(key)) for name, kind, key, help_text in _STRANGERS]
         backbone = get("backbone")
         if backbone is not None:  # only with --backbone
             families += [_scalar(name, kind, help_text, backbone[key])
