@@ -913,8 +913,13 @@ class ChatServer:
         self._accept_wake_receiver, self._accept_wake_sender = socket.socketpair()
         self._accept_wake_sender.setblocking(False)
         self._serve = True  # a plain flag: stop_serving() may run in a signal handler
-        # The registry: clients whose sockets are open, and the departed ones'
-        # totals. One lock; held for O(1) work, except by stats().
+        # The registry: clients whose sockets are open (what --max-clients,
+        # --max-per-host and shutdown count), and the departed ones' totals.
+        # One lock; held for O(1) work, except by stats(). Not the room: the
+        # Sender alone knows whom it relays to (Sender._room), a client it
+        # dropped leaves the room at once and the registry once its socket is
+        # closed, and the Sender walks the room thousands of times a second
+        # without a lock.
         self._lock = threading.Lock()
         self._all_closed = threading.Condition(self._lock)
         self._clients = set()
