@@ -119,6 +119,11 @@ SENDER_QUEUE_LIMIT = 64
 FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 
 
+# A slow client's outbox holds references to rounds' payloads (shared by
+# every client they wait for); when it drains, they are joined up to this many
+# bytes, so that the sends carry 1024 bytes each, not one round each.
+OUTBOX_SEND_JOIN = 64 * 1024
+
 # Departed clients' sockets the Sender closes per round (see _close_some).
 CLOSES_PER_ROUND = 64
 
@@ -413,7 +418,8 @@ class ClientConnection:
         self.throttled = False  # paused by flood control right now (read by stats())
         # The Sender's: bytes this client's socket refused, waiting to be sent
         # (never more than the outbound budget), and why the Sender closed it.
-        self.outbox = bytearray()
+        self.outbox = collections.deque()  # payloads, oldest first (bytes, memoryview)
+        self.outbox_size = 0
         self.close_reason = None
 
     def start(self):
@@ -768,12 +774,15 @@ class Sender:
             data = memoryview(data)[sent:]
             self.backlogged.add(client)
             self._selector.register(client.sock, selectors.EVENT_WRITE, client)
-        client.outbox += data
+        # A reference, not a copy: a round's payload waits once in memory,
+        # however many slow clients it waits for.
+        client.outbox.append(data)
+        client.outbox_size += len(data)
         self.outbox_bytes += len(data)
         reason = None
-        if len(client.outbox) > self.outbound_budget:
+        if client.outbox_size > self.outbound_budget:
             reason = self._send_outbox(client)  # it may have read meanwhile
-            if reason is None and len(client.outbox) > self.outbound_budget:
+            if reason is None and client.outbox_size > self.outbound_budget:
                 log.warning("Dropping %s: more than %d bytes waiting to be sent (slow consumer)",
                             client.address, self.outbound_budget)
                 reason = "slow_consumer"
@@ -787,36 +796,49 @@ class Sender:
         MEMORY_LOW_WATER of it. Their outboxes are freed now; they leave the
         room when the fan-out that walks it ends."""
         target = self.memory_budget * MEMORY_LOW_WATER
-        for client in sorted(self.backlogged, key=lambda c: len(c.outbox), reverse=True):
+        for client in sorted(self.backlogged, key=lambda c: c.outbox_size, reverse=True):
             if self.outbox_bytes <= target:
                 break
             log.warning("Dropping %s: %d bytes waiting to be sent, the most of any client, "
                         "and all clients' together past the memory budget (%d bytes)",
-                        client.address, len(client.outbox), self.memory_budget)
+                        client.address, client.outbox_size, self.memory_budget)
             self._drop(client, "memory_budget", leave_room=False)
             self._evicted.append(client)
 
     def _send_outbox(self, client):
-        """Send what waits for `client`, without blocking. Returns None, or
-        why to drop the client."""
-        try:
-            sent = send_frames(client.sock, client.outbox, socket.MSG_DONTWAIT)
-        except OSError as exc:
-            return self._send_failed(client, exc)
-        self.sent_bytes += sent
-        del client.outbox[:sent]
-        self.outbox_bytes -= sent
-        if not client.outbox:
-            self._forget_outbox(client)
+        """Send what waits for `client`, oldest first, without blocking.
+        Returns None, or why to drop the client."""
+        outbox = client.outbox
+        while outbox:
+            # Rounds' payloads joined up to OUTBOX_SEND_JOIN bytes, so that
+            # many small rounds still leave in full 1024-byte sends.
+            parts = [outbox.popleft()]
+            size = len(parts[0])
+            while outbox and size + len(outbox[0]) <= OUTBOX_SEND_JOIN:
+                size += len(outbox[0])
+                parts.append(outbox.popleft())
+            data = b"".join(parts)
+            try:
+                sent = send_frames(client.sock, data, socket.MSG_DONTWAIT)
+            except OSError as exc:
+                return self._send_failed(client, exc)
+            self.sent_bytes += sent
+            client.outbox_size -= sent
+            self.outbox_bytes -= sent
+            if sent < size:  # the socket is full: the rest waits
+                outbox.appendleft(memoryview(data)[sent:])
+                return None
+        self._forget_outbox(client)
         return None
 
     def _forget_outbox(self, client):
         if client in self.backlogged:
             self.backlogged.discard(client)
             self._selector.unregister(client.sock)
-            self.outbox_bytes -= len(client.outbox)
-            self._freed_bytes += len(client.outbox)
-            client.outbox = bytearray()
+            self.outbox_bytes -= client.outbox_size
+            self._freed_bytes += client.outbox_size
+            client.outbox.clear()
+            client.outbox_size = 0
 
     @staticmethod
     def _send_failed(client, exc):
@@ -1112,7 +1134,7 @@ class ChatServer:
     def stats(self):
         """A snapshot of every counter, exact once the room is quiet."""
         sender = self._sender
-        backlogs = [len(client.outbox) for client in tuple(sender.backlogged)]
+        backlogs = [client.outbox_size for client in tuple(sender.backlogged)]
         with self._lock:
             received = self._totals["messages_received"]
             received_bytes = self._totals["received_bytes"]
