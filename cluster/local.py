@@ -81,8 +81,9 @@ class RedisServer:
         text = "&".join(f"{key}={value}" for key, value in query.items())
         return f"redis://{LOOPBACK}:{self.port}/{db}" + (f"?{text}" if text else "")
 
-    def start(self, wipe=False):
-        """Start it (on its old data unless wipe=True); wait until it answers."""
+    def start(self, wipe=False, ready=None):
+        """Start it (on its old data unless wipe=True); wait until it answers
+        (`ready()` is true: by default, PING on its port answers)."""
         if wipe:
             for path in self.directory.iterdir():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -94,7 +95,7 @@ class RedisServer:
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _ping(self.port):
+        while not (ready() if ready is not None else _ping(self.port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 log = (self.directory / "redis.log")

@@ -10,6 +10,8 @@ and on every error path, where the server must print one line and exit 2.
 """
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +20,7 @@ import urllib.request
 import pytest
 
 from cluster.config import BackboneConfig, BackboneConfigError, redact, remember_secret
-from cluster.local import Node, RedisServer
+from cluster.local import Node, RedisServer, free_port
 from conftest import ROOT, SERVER_SCRIPT, Peer, wait_until
 
 pytestmark = pytest.mark.timeout(40)
@@ -186,3 +188,48 @@ def test_redis_url_alone_is_named_and_not_used(server_process):
     status, lines, errors = server.stop()
     assert status == 0 and not any("Backbone" in line for line in lines)
     assert_no_secret("\n".join(lines), errors)
+
+
+@pytest.fixture
+def tls_redis(tmp_path):
+    """redis-server on a TLS port with a certificate made here for 127.0.0.1."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed (Debian: apt-get install openssl)")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=30)
+    port = free_port()
+    server = RedisServer(port=port, appendonly=False, args=[
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+        "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"])
+    server.start(ready=lambda: _tls_ready(port, cert))
+    try:
+        yield port, cert
+    finally:
+        server.stop()
+
+
+def _tls_ready(port, cert):
+    import ssl
+    context = ssl.create_default_context(cafile=str(cert))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw, \
+                context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def test_a_certificate_that_does_not_verify_exits_2_and_one_that_does_connects(tls_redis):
+    port, cert = tls_redis
+    done, seconds = run_server("--backbone", f"rediss://:{SECRET}@127.0.0.1:{port}/0", env=clean_env())
+    assert_fails_fast(done, seconds, "the TLS certificate does not verify")
+    node = Node(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={cert}", args=["--quiet"], env=clean_env())
+    try:
+        wait_until(lambda: node.count("Backbone: connected to Redis"), timeout=10)
+    finally:
+        node.stop()
+    assert node.proc.returncode == 0
