@@ -127,7 +127,8 @@ def test_mychatclient_shows_why_before_disconnected(redis_server):
         for seq, text in ((1, "one"), (3, "three")):
             direct.xadd("chat:room", {"n": "0123456789abcdef", "s": seq, "c": 1, "t": time.time(),
                                       "f": f"40009: {text}\n"})
-        out, err = client.communicate(timeout=15)  # it ends by itself once the server closed it
+        client.wait(15)  # stdin stays open: it ends by itself once the server closed it
+        out, err = client.communicate()
     finally:
         if client.poll() is None:
             client.kill()
@@ -135,5 +136,6 @@ def test_mychatclient_shows_why_before_disconnected(redis_server):
         node.stop()
     assert client.returncode == 0, err
     assert out.splitlines() == ["Connected to chat server. Type 'exit' to leave.", "40009: one",
-                                CLOSE_NOTICES["backbone_gap"].rstrip("\n"), "Disconnected from server"]
+                                CLOSE_NOTICES["backbone_gap"].rstrip("\n"), "Disconnected from server"], (
+        out, err, node.lines)
     assert node.count("closed (backbone_gap)") == 1
