@@ -144,7 +144,7 @@ def test_master_sigkilled_under_cross_node_load_the_nodes_follow_the_promoted_re
             wait_until(lambda: node.count(f"hearing node {other.node_id}"), timeout=10)
         clients = [Chatter(f"n{i}c{j}", node) for i, node in enumerate(nodes) for j in range(2)]
         wait_until(lambda: all(node.count("New connection") == 2 for node in nodes))
-        threads = [threading.Thread(target=c.send, args=(300, 0.02)) for c in clients]
+        threads = [threading.Thread(target=c.send, args=(200, 0.02)) for c in clients]
         for thread in threads:
             thread.start()
         wait_until(lambda: all(len(r.got[s.name]) > 30 for r in clients for s in clients if s is not r),
