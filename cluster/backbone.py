@@ -60,7 +60,7 @@ import time
 from cluster.config import (BackboneConfig, BackboneConfigError, close_client, describe, fatal_reason,
                             redact)
 from cluster.sequence import DEFAULT_FORGET_AFTER, SequenceTracker
-from cluster.validate import REJECT_REASONS, JumpGuard, Rejected, check_entry, show_node
+from cluster.validate import REJECT_REASONS, JumpGuard, Rejected, Rescue, check_entry, show_node
 
 log = logging.getLogger("mychatserver.backbone")  # the server's handlers print it
 
@@ -187,6 +187,7 @@ class Backbone:
         self._delay_sum = 0.0
         self._peers = 0
         self._guard = JumpGuard()  # the reader's
+        self._rescue = Rescue()    # the reader's
         self._threads = [threading.Thread(target=self._publish_loop, name="backbone-publisher", daemon=True),
                          threading.Thread(target=self._read_loop, name="backbone-reader", daemon=True)]
 
@@ -574,9 +575,26 @@ class Backbone:
                 continue
             stream_time = _stream_seconds(entry_id)
             verdict = tracker.observe(node, entry.seq, entry.heartbeat, stream_time)
+            digest = hash((entry.count, fields[F_TIME], entry.frames))
             if verdict.duplicate:
-                duplicates += 1
+                rescued = self._rescue.check(node, entry.seq, digest)
+                if rescued is None:
+                    duplicates += 1
+                    continue
+                self._note(rescued, entry_id, node, (
+                    f"entry {entry.seq} has the number of an earlier one with other contents: "
+                    f"one of them is forged; delivering this one too" if rescued == "conflict" else
+                    f"entry {entry.seq} came after the node's numbers had jumped past it: "
+                    f"the jump was forged; delivering it"))
+                entries_in += 1
+                frames.append(entry.frames)
+                count += entry.count
+                delays.append((entry.published, entry.count))
                 continue
+            if verdict.missing:
+                self._rescue.skipped(node, covered - verdict.missing + 1, covered)
+            if verdict.deliver:
+                self._rescue.delivered(node, entry.seq, digest)
             self._guard.accepted(node, now)
             entries_in += 1
             if verdict.new_peer:
@@ -603,23 +621,30 @@ class Backbone:
             self._peers = tracker.peers
 
     def _reject(self, entry_id, node, exc):
-        """Count a rejected entry; log the first of each kind, then a sum at
-        most every REJECT_LOG_INTERVAL (a flood of forgeries is not a flood of lines)."""
+        """Count a rejected entry and log it (see _note)."""
         with self._cond:
             self._rejected[exc.reason] += 1
+        self._note(exc.reason, entry_id, node, exc, rejected=True)
+
+    def _note(self, kind, entry_id, node, what, rejected=False):
+        """Log the first entry of each kind, then a sum at most every
+        REJECT_LOG_INTERVAL: a flood of forgeries is not a flood of lines."""
         now = time.monotonic()
-        state = self._reject_log.get(exc.reason)
+        state = self._reject_log.get(kind)
         if state is None:
-            self._reject_log[exc.reason] = [now, 0]
-            log.warning("Backbone: rejected entry %s from node %s (%s); more of this kind are counted "
-                        "in chat_backbone_rejected_total{reason=\"%s\"}", entry_id.decode(),
-                        show_node(node), exc, exc.reason)
+            self._reject_log[kind] = [now, 0]
+            if rejected:
+                log.warning("Backbone: rejected entry %s from node %s (%s); more of this kind are counted "
+                            "in chat_backbone_rejected_total{reason=\"%s\"}", entry_id.decode(),
+                            show_node(node), what, kind)
+            else:
+                log.warning("Backbone: entry %s from node %s: %s", entry_id.decode(), show_node(node), what)
             return
         state[1] += 1
         if now - state[0] >= REJECT_LOG_INTERVAL:
-            log.warning("Backbone: rejected %d more entr%s (%s) in %.0fs, the latest %s from node %s (%s)",
-                        state[1], "y" if state[1] == 1 else "ies", exc.reason, now - state[0],
-                        entry_id.decode(), show_node(node), exc)
+            log.warning("Backbone: %d more entr%s (%s%s) in %.0fs, the latest %s from node %s (%s)",
+                        state[1], "y" if state[1] == 1 else "ies", "rejected: " if rejected else "", kind,
+                        now - state[0], entry_id.decode(), show_node(node), what)
             state[0], state[1] = now, 0
 
     def _deliver(self, frames, count, delays):

@@ -22,7 +22,9 @@ An entry is delivered exactly as published, or rejected whole:
   bidi control or a line separator cannot have come from a node, whose
   frames were sanitised when its client sent them;
 * sequence: s at most 2**53, and - for a peer already heard from - not far
-  ahead of what that peer can have published since (JumpGuard below).
+  ahead of what that peer can have published since (JumpGuard below);
+  a real entry that a forged one got ahead of (same number, or a forged
+  jump past it) is still delivered (Rescue, below).
 A rejected entry is not shown to the SequenceTracker: it cannot move a
 peer's numbers. If it was a real node's entry after all (a version with
 another sanitiser, say), that node's next entry shows the gap and the
@@ -163,3 +165,66 @@ class JumpGuard:
         self._accepted.move_to_end(node)
         while len(self._accepted) > self.remember:
             self._accepted.popitem(last=False)
+
+
+class Rescue:
+    """A forged entry must not stop a node's real traffic. The sequence
+    tracker drops an entry whose number it has seen as a duplicate; two
+    cases are not duplicates but real entries a forgery got ahead of:
+
+    * conflict: the number was delivered, but with other contents. A real
+      resend is the same entry byte for byte (the publisher keeps the
+      fields it sent), so one of the two is forged: this one is delivered
+      too (which of them is real cannot be told; losing the real one would
+      be worse than showing a forged line, which a writer of the stream can
+      post anyway);
+    * late: the number lies in a range that a jump declared missing (the
+      clients were told). A real node's entries reach the stream in
+      increasing order, resends included, so an entry after a higher one
+      of the same node means the higher one was forged: it is delivered.
+
+    Bounded: the last `window` delivered numbers and the last `ranges`
+    skipped ranges of each of at most `remember` nodes."""
+
+    def __init__(self, window=256, ranges=16, remember=JUMP_REMEMBER):
+        self.window, self.ranges, self.remember = window, ranges, remember
+        self._nodes = collections.OrderedDict()  # node -> (OrderedDict seq -> digest, [[lo, hi], ...])
+
+    def _state(self, node):
+        state = self._nodes.get(node)
+        if state is None:
+            state = self._nodes[node] = (collections.OrderedDict(), [])
+            while len(self._nodes) > self.remember:
+                self._nodes.popitem(last=False)
+        self._nodes.move_to_end(node)
+        return state
+
+    def delivered(self, node, seq, digest):
+        recent, _ = self._state(node)
+        recent[seq] = digest
+        while len(recent) > self.window:
+            recent.popitem(last=False)
+
+    def skipped(self, node, low, high):
+        """Numbers low..high of `node` were declared missing (a gap)."""
+        _, skipped = self._state(node)
+        skipped.append([low, high])
+        del skipped[:-self.ranges]
+
+    def check(self, node, seq, digest):
+        """For an entry the tracker calls a duplicate: "conflict", "late", or None (a duplicate)."""
+        state = self._nodes.get(node)
+        if state is None:
+            return None
+        recent, skipped = state
+        if seq in recent:
+            if recent[seq] == digest:
+                return None
+            recent[seq] = digest  # a third copy of either is a duplicate
+            return "conflict"
+        for i, (low, high) in enumerate(skipped):
+            if low <= seq <= high:
+                skipped[i:i + 1] = [part for part in ([low, seq - 1], [seq + 1, high]) if part[0] <= part[1]]
+                self.delivered(node, seq, digest)
+                return "late"
+        return None

@@ -17,7 +17,7 @@ import redis
 from cluster import backbone as backbone_module
 from cluster.backbone import ENTRY_MAX_BYTES, ENTRY_MAX_MESSAGES, STREAM_MEMORY_BOUND, start_backbone
 from cluster.local import RedisServer, start_nodes
-from cluster.validate import JumpGuard, Rejected, check_entry
+from cluster.validate import JumpGuard, Rejected, Rescue, check_entry
 from conftest import Peer, wait_until
 from test_cluster_backbone import StandIn, connected, frames, stat
 
@@ -85,6 +85,22 @@ def test_a_jump_is_allowed_only_as_far_as_time_allows():
     assert not guard.allows(NODE, 10 ** 12, 5, 102.0)
 
 
+def test_rescue_tells_a_conflict_and_a_late_entry_from_a_duplicate():
+    rescue = Rescue(window=3, ranges=2)
+    for seq in (1, 2, 3):
+        rescue.delivered(NODE, seq, seq * 10)
+    assert rescue.check(NODE, 2, 20) is None            # a real resend: a duplicate
+    assert rescue.check(NODE, 3, 31) == "conflict"      # same number, other contents
+    assert rescue.check(NODE, 3, 31) is None            # that copy again: a duplicate
+    rescue.skipped(NODE, 4, 9)                          # a jump to 10 declared 4..9 missing
+    rescue.delivered(NODE, 10, 100)
+    assert [rescue.check(NODE, seq, seq) for seq in (4, 5, 4, 9, 11)] == ["late", "late", None, "late", None]
+    rescue.skipped(NODE, 20, 20)
+    rescue.skipped(NODE, 30, 30)                        # only the last 2 ranges are kept
+    assert rescue.check(NODE, 6, 6) is None and rescue.check(NODE, 30, 30) == "late"
+    assert rescue.check(b"another node....", 1, 1) is None
+
+
 @pytest.fixture
 def redis_server():
     with RedisServer(appendonly=False) as server:
@@ -146,6 +162,38 @@ def test_forged_entries_are_rejected_logged_counted_and_the_real_node_goes_on(re
     assert caplog.text.count("Backbone: rejected entry ") == 6 + 5  # once per kind: at b, and at a
     assert "from node b'not a node'" in caplog.text  # forged bytes shown escaped, never raw
     assert "\x1b" not in caplog.text
+
+
+def test_a_forgery_that_passes_every_check_still_cannot_stop_the_real_traffic(redis_server, backbones,
+                                                                               caplog):
+    """Well-formed forgeries under a's id: its next number (before a's own
+    entry with that number), then a jump within the bound. b's clients are
+    told once (the jump is a gap), and every real message of a is still
+    delivered: the real entry with the forged number as a conflict, the
+    entries the jump skipped as late ones."""
+    caplog.set_level(logging.INFO, logger="mychatserver.backbone")
+    a, _ = backbones(redis_server.url())
+    b, b_room = backbones(redis_server.url())
+    connected(a, b)
+    a.publish(40001, ["m1"])
+    wait_until(lambda: b_room.count == 1)
+    wait_until(lambda: stat(a, "outbox_bytes") == 0)
+    direct = redis.Redis(port=redis_server.port)
+    live = a.node_id.decode()
+    direct.xadd("chat:room", {"n": live, "s": 2, "c": 1, "t": time.time(), "f": "40001: forged 2\n"})
+    wait_until(lambda: b_room.count == 2)
+    a.publish(40001, ["m2"])                              # the real number 2: a conflict, delivered
+    wait_until(lambda: b_room.count == 3, message="the real entry 2 delivered")
+    direct.xadd("chat:room", {"n": live, "s": 500, "c": 1, "t": time.time(), "f": "40001: forged 500\n"})
+    wait_until(lambda: b_room.reasons == ["backbone_gap"], message="the jump told as a gap")
+    for text in ("m3", "m4"):                             # real numbers 3 and 4: late, delivered
+        a.publish(40001, [text])
+    wait_until(lambda: b_room.count == 6, message=lambda: f"6 at b (have {b_room.count})")
+    assert bytes(b_room.frames) == frames(40001, ["m1", "forged 2", "m2", "forged 500", "m3", "m4"])
+    assert b_room.reasons == ["backbone_gap"] and stat(b, "gaps_total") == 1
+    assert "has the number of an earlier one with other contents: one of them is forged" in caplog.text
+    assert "came after the node's numbers had jumped past it: the jump was forged" in caplog.text
+    assert stat(b, "duplicates_total") == 0
 
 
 def test_real_nodes_a_forged_escape_and_sequence_reach_no_client(redis_server):
