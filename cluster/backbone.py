@@ -260,6 +260,8 @@ class Backbone:
             reason = fatal_reason(exc)
             if reason is not None:
                 raise BackboneConfigError(f"{where}: {reason} ({describe(exc)})") from None
+            if isinstance(exc, (TypeError, ValueError)):  # an option redis-py refuses at connect
+                raise BackboneConfigError(f"{where}: {describe(exc)}") from None
             if not isinstance(exc, redis.RedisError):
                 raise
             self._warned_unreachable = True

@@ -159,9 +159,17 @@ class BackboneConfig:
         parts = urllib.parse.urlsplit(url)
         self.redis_url = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(others)))
         try:
-            options = redis_parse_url(self.redis_url)  # checks redis-py's own options; no I/O
+            options = redis_parse_url(self.redis_url)  # checks redis-py's own options' values; no I/O
         except (ValueError, TypeError) as exc:
             raise BackboneConfigError(f"{self.shown}: {redact(exc)}") from None
+        try:  # and their names: a connection object is made (no I/O) and dropped
+            import redis
+            pool = redis.ConnectionPool.from_url(self.redis_url)
+            pool.make_connection()
+            pool.disconnect()
+        except TypeError as exc:
+            raise BackboneConfigError(f"{self.shown}: an option redis-py does not know "
+                                      f"({redact(exc)})") from None
         self.username, self.password = self._credentials(
             options.get("username"), options.get("password"), env, ENV_USERNAME, ENV_PASSWORD, "")
 

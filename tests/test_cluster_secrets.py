@@ -76,6 +76,8 @@ def test_redact_masks_url_passwords_and_every_remembered_secret():
     ("redis://:{s}@127.0.0.1:1/0?maxlen=0", "maxlen must be at least 1"),
     ("http://:{s}@127.0.0.1:1/0", "must start with redis://"),
     ("redis://:{s}@127.0.0.1:1/0?socket_timeout=abc", "socket_timeout"),
+    ("redis://:{s}@127.0.0.1:1/0?no_such_option=1", "an option redis-py does not know"),
+    ("redis://:{s}@127.0.0.1:port/0", "Port could not be cast to integer"),
     ("redis+sentinel://:{s}@127.0.0.1:x,h:2/m", "bad sentinel address"),
     ("redis+sentinel://:{s}@127.0.0.1:26379", "MASTER"),
     ("redis+sentinel://:{s}@127.0.0.1:26379/m/x", "database must be a number"),
@@ -176,6 +178,8 @@ def test_every_error_path_exits_2_in_one_line_without_the_secret(locked_redis):
         (("--backbone", url.replace("redis://", f"http://:{SECRET}@")), clean_env(), "must start with"),
         ((), clean_env(CHAT_BACKBONE=url.replace("redis://", f"redis://:{SECRET}@") + "?socket_timeout=abc"),
          "socket_timeout"),
+        (("--backbone", url.replace("redis://", f"redis://:{SECRET}@") + "?foo=bar"), clean_env(),
+         "an option redis-py does not know"),
     ]
     for args, env, words in cases:
         done, seconds = run_server(*args, env=env)
