@@ -101,7 +101,7 @@ def test_sentinel_urls_and_secrets_from_the_environment():
     assert config.describe() == ("redis+sentinel://h1:1,[::1]:2,h3/mymaster/3?stream=r&maxlen=50 "
                                  "(URL from CHAT_BACKBONE; password from REDIS_PASSWORD; user from "
                                  "REDIS_USERNAME; sentinels' password from REDIS_SENTINEL_PASSWORD)")
-    plain = BackboneConfig(f"redis://:{SECRET}@h:1/0", {"REDIS_PASSWORD": "other"}, "--backbone")
+    plain = BackboneConfig(f"redis://:{SECRET}@h:1/0", {"REDIS_PASSWORD": "an-0ther-Env-Secret"}, "--backbone")
     assert plain.password == SECRET  # the URL's wins
     assert plain.describe() == ("redis://:***@h:1/0 (URL from --backbone; password from the command "
                                 "line, visible to ps: use REDIS_PASSWORD instead)")
