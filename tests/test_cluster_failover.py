@@ -36,9 +36,16 @@ class Sentinels:
     """A master, one replica (both AOF) and three sentinels, all on loopback."""
 
     def __init__(self, password=None, sentinel_password=None):
+        self.parts = []
+        try:
+            self._start(password, sentinel_password)
+        except BaseException:  # nothing left running if they never got ready
+            self.stop()
+            raise
+
+    def _start(self, password, sentinel_password):
         auth = ["--requirepass", password, "--masterauth", password] if password else []
         sync = ["--repl-diskless-sync", "yes", "--repl-diskless-sync-delay", "0"]
-        self.parts = []
         self.master = self._own(RedisServer(appendonly=True, args=sync + auth).start())
         self.replica = self._own(RedisServer(appendonly=True, args=sync + auth + [
             "--replicaof", "127.0.0.1", str(self.master.port)]).start())
