@@ -178,6 +178,11 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
 DISCONNECT_REASONS = ("exit", "closed", "error", "slow_consumer", "memory_budget", "rejected",
                       "shutdown", "backbone_gap")
 
+# The one line a client closed for these reasons receives first, so that it
+# is told why (like the "Server full" notice); other closes stay silent.
+CLOSE_NOTICES = {"backbone_gap": "Server: messages from the other servers were lost (backbone gap); "
+                                 "reconnect to rejoin the room.\n"}
+
 # accept() failures, by errno; the metrics' `reason` label takes exactly these.
 ACCEPT_ERRORS = {errno.EMFILE: "emfile", errno.ENFILE: "enfile",
                  errno.ENOBUFS: "enobufs", errno.ENOMEM: "enomem"}
@@ -695,7 +700,10 @@ class Sender:
                 self._forget_outbox(client)
                 departed.append(item)  # closed by _close_some(), in order
             elif kind == "close_all":
+                notice = CLOSE_NOTICES.get(item[1], "").encode()
                 for client in list(self._room):
+                    if notice and not client.outbox:  # a backlogged client's bytes are dropped with it
+                        self._send(client, notice)  # after what was queued before; then the close
                     self._drop(client, item[1])
             elif kind == "finish":
                 # The process is exiting: every client gets its FIN now
@@ -1311,8 +1319,13 @@ def parse_args(argv=None):
     parser.add_argument("--metrics-host", default=DEFAULT_HOST, metavar="HOST",
                         help="address for the metrics endpoint (default: %(default)s)")
     parser.add_argument("--backbone", default=None, metavar="URL",
-                        help="share the room with other nodes over Redis Streams, e.g. "
-                             "redis://127.0.0.1:6379/0 (needs the redis package; default: off)")
+                        help="share the room with other nodes over Redis Streams: "
+                             "redis://HOST:PORT/DB, rediss://... (TLS) or, with Redis Sentinel, "
+                             "redis+sentinel://HOST:PORT,HOST:PORT,.../MASTER[/DB]. Default: "
+                             "$CHAT_BACKBONE, else off. Keep passwords out of the URL: "
+                             "REDIS_PASSWORD and REDIS_USERNAME are used when it has none, "
+                             "REDIS_SENTINEL_PASSWORD for the sentinels (needs the redis package; "
+                             "cluster/README.md)")
     return parser.parse_args(argv)
 
 
@@ -1343,22 +1356,36 @@ def _start_metrics(server, host, port):
     return exporter
 
 
-def _start_backbone(server, url):
-    """Import the project's cluster/ package only when asked to."""
+def _backbone_url(flag):
+    """(URL, where it came from): --backbone, else $CHAT_BACKBONE; (None, None)."""
+    if flag is not None:
+        return flag, "--backbone"
+    if os.environ.get("CHAT_BACKBONE"):
+        return os.environ["CHAT_BACKBONE"], "CHAT_BACKBONE"
+    if os.environ.get("REDIS_URL"):
+        log.warning("REDIS_URL is set but not used: this server runs alone "
+                    "(--backbone URL or CHAT_BACKBONE shares its room with other nodes)")
+    return None, None
+
+
+def _start_backbone(server, url, source):
+    """Import the project's cluster/ package only when asked to. Returns
+    (backbone, None) or (None, exit status): 2 for what waiting cannot fix
+    (a bad URL, credentials, a certificate), 1 without the redis package."""
     _project_root_on_path()
     try:
         from cluster.backbone import start_backbone
-        backbone = start_backbone(server, url, node_port=server.address[1])
+        backbone = start_backbone(server, url, node_port=server.address[1], source=source)
     except ImportError as exc:
         print(f"--backbone needs the redis package and the project's cluster/ package "
               f"({exc}): use the project's .venv (./run-tests creates it; . .venv/bin/activate)",
               file=sys.stderr)
-        return None
-    except (OSError, ValueError) as exc:
-        print(f"Cannot use backbone {url}: {exc}", file=sys.stderr)
-        return None
+        return None, 1
+    except ValueError as exc:  # cluster's BackboneConfigError: its message holds no secret
+        print(f"Cannot use the backbone: {exc}", file=sys.stderr)
+        return None, 2
     server.attach_backbone(backbone)
-    return backbone
+    return backbone, None
 
 
 def _is_loopback(host):
@@ -1421,15 +1448,18 @@ def main(argv=None):
     if stop_requested:
         server.stop_serving()
     exporter = backbone = None
+    status = 1
+    backbone_url, source = _backbone_url(args.backbone)
     if args.metrics_port is not None:
         exporter = _start_metrics(server, args.metrics_host, args.metrics_port)
-    if args.backbone is not None and (args.metrics_port is None or exporter is not None):
-        backbone = _start_backbone(server, args.backbone)
-    if (args.metrics_port is not None and exporter is None) or (args.backbone and backbone is None):
+    if backbone_url is not None and (args.metrics_port is None or exporter is not None):
+        backbone, status = _start_backbone(server, backbone_url, source)
+    if (args.metrics_port is not None and exporter is None) or (backbone_url and backbone is None):
         server.shutdown()
         if exporter is not None:
             exporter.stop()
-        return 1
+        writer.close(LOG_DRAIN_WAIT)
+        return status
     _warn_if_exposed(server.address[0], "the chat is")
     log.info("Server listening on %s", host_port(*server.address))
     server.serve_forever()

@@ -69,7 +69,8 @@ HTTP 500, which the tests would catch):
          "publish_errors_total": int,     "outbox_bytes": int,
          "outbox_budget_bytes": int,      "dropped_messages_total": int,
          "duplicates_total": int,         "gaps_total": int,
-         "peers": int,
+         "peers": int,                    "losses_total": int,
+         "rejected_total": {reason: int} (cluster/validate.py's REJECT_REASONS),
          "delay_buckets": tuple (ascending upper bounds, seconds),
          "delay_counts": list (per bucket, NOT cumulative, last is +Inf),
          "delay_sum": float}
@@ -166,6 +167,8 @@ BACKBONE_METRIC_NAMES = (
     "chat_backbone_duplicates_total",
     "chat_backbone_gaps_total",
     "chat_backbone_peers",
+    "chat_backbone_losses_total",
+    "chat_backbone_rejected_total",
     "chat_backbone_delay_seconds",
 )
 
@@ -243,7 +246,11 @@ _BACKBONE_SCALARS = (
      "Unrepairable gaps in another node's sequence; local clients were closed (backbone_gap)."),
     ("chat_backbone_peers", "gauge", "peers",
      "Other nodes heard from recently (this node excluded)."),
+    ("chat_backbone_losses_total", "counter", "losses_total",
+     "Times the backbone (Redis) was lost, whichever layer noticed (a reconnect follows each)."),
 )
+_REJECTED_HELP = ("Stream entries rejected unread by reason: fields, node_id, size, frame, control "
+                  "(escape sequences or control characters), sequence (a number far ahead of the node's).")
 
 _DISCONNECTS_HELP = ("Connections ended, by reason: exit (client sent exit), closed (client closed), "
                      "error (socket error), slow_consumer (outbound queue over budget), "
@@ -334,6 +341,8 @@ class ChatCollector:
         if backbone is not None:  # only with --backbone
             families += [_scalar(name, kind, help_text, backbone[key])
                          for name, kind, key, help_text in _BACKBONE_SCALARS]
+            families.append(_labelled("chat_backbone_rejected_total", _REJECTED_HELP, "reason",
+                                      backbone["rejected_total"]))
             families.append(_histogram("chat_backbone_delay_seconds", _DELAY_HELP,
                                        backbone["delay_buckets"], backbone["delay_counts"],
                                        backbone["delay_sum"]))

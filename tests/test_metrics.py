@@ -612,7 +612,8 @@ SCALAR_KEYS = ("connections_total", "clients", "max_clients", "messages_received
 # The backbone's stats() dict, exactly as metrics/README.md and /work/briefs/backbone-stats.md define it.
 BACKBONE_COUNTS = ("entries_out_total", "messages_out_total", "entries_in_total", "messages_in_total",
                    "reconnects_total", "publish_errors_total", "outbox_bytes", "outbox_budget_bytes",
-                   "dropped_messages_total", "duplicates_total", "gaps_total", "peers")
+                   "dropped_messages_total", "duplicates_total", "gaps_total", "peers", "losses_total")
+REJECT_REASONS = ("fields", "node_id", "size", "frame", "control", "sequence")
 DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -621,11 +622,14 @@ def backbone_values(backbone):
     values = {"chat_backbone_connected": float(backbone["connected"])}
     for key in BACKBONE_COUNTS:
         values[f"chat_backbone_{key}"] = float(backbone[key])
+    for reason, count in backbone["rejected_total"].items():
+        values[f'chat_backbone_rejected_total{{reason="{reason}"}}'] = float(count)
     return values
 
 
 backbones = st.none() | st.fixed_dictionaries({
     "connected": st.booleans(), **{key: counts for key in BACKBONE_COUNTS},
+    "rejected_total": st.fixed_dictionaries({reason: counts for reason in REJECT_REASONS}),
     "delay_buckets": st.just(DELAY_BUCKETS),
     "delay_counts": st.lists(st.integers(0, 10**9), min_size=len(DELAY_BUCKETS) + 1,
                              max_size=len(DELAY_BUCKETS) + 1),
@@ -705,7 +709,7 @@ def test_collector_rejects_mismatched_histogram():
     with pytest.raises(ValueError, match="chat_relay_latency_seconds: 2 buckets but 2 counts"):
         collector.collect()
     backbone = dict.fromkeys(BACKBONE_COUNTS, 0)
-    backbone.update(connected=True, delay_buckets=(0.1,), delay_counts=[0], delay_sum=0.0)  # needs 2
+    backbone.update(connected=True, rejected_total={}, delay_buckets=(0.1,), delay_counts=[0], delay_sum=0.0)  # needs 2
     with pytest.raises(ValueError, match="chat_backbone_delay_seconds: 1 buckets but 1 counts"):
         ChatCollector(FakeServer(_zero_stats(backbone=backbone))).collect()
 

@@ -332,6 +332,7 @@ class StandInBackbone:
                 "entries_in_total": 2 * n, "messages_in_total": 10 * n, "reconnects_total": 0,
                 "publish_errors_total": 0, "outbox_bytes": 0, "outbox_budget_bytes": 1 << 20,
                 "dropped_messages_total": 0, "duplicates_total": 0, "gaps_total": 0, "peers": 2,
+                "losses_total": 0, "rejected_total": {"control": 0},
                 "delay_buckets": self.BUCKETS, "delay_counts": counts, "delay_sum": 0.02 * n}
 
     def publish(self, port, messages):
