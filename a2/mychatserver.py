@@ -119,6 +119,11 @@ SENDER_QUEUE_LIMIT = 64
 FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 
 
+# A slow client's outbox holds references to rounds' payloads (shared by
+# every client they wait for); when it drains, they are joined up to this many
+# bytes, so that the sends carry 1024 bytes each, not one round each.
+OUTBOX_SEND_JOIN = 64 * 1024
+
 # Departed clients' sockets the Sender closes per round (see _close_some).
 CLOSES_PER_ROUND = 64
 
@@ -144,19 +149,20 @@ IPV6_HOST_PREFIX = 64  # one IPv6 customer gets a /64: that is one host
 
 # Flood control: a client sending more than this many messages per second,
 # after a burst, is not read until its budget allows; TCP back-pressure then
-# slows it down. Nothing it sent is dropped. 20/s and a burst of 100 are far
+# slows it down. Nothing it sent is dropped. 50/s and a burst of 100 are far
 # above a human typing or pasting a screenful, and a default Locust user
 # (1 message/s); 0 = off.
-DEFAULT_MAX_RATE = 20.0
+DEFAULT_MAX_RATE = 50.0
 DEFAULT_MAX_BURST = 100
 THROTTLE_CHECK = 0.1  # seconds: a throttled reader looks this often whether it was closed
 
 # One budget for the bytes waiting in all clients' outboxes together. Past
 # it, the slow consumers with the largest outboxes are dropped first, down to
-# MEMORY_LOW_WATER of it (one sort frees room for many rounds, not one).
+# MEMORY_LOW_WATER of it: one sort frees room for several rounds, and each
+# batch of dropped readers waking at once stays small (a herd costs the room).
 # 256 MiB: a thousand clients at their full outbound budget.
 DEFAULT_MEMORY_BUDGET = 256 * 1024 * 1024
-MEMORY_LOW_WATER = 0.875
+MEMORY_LOW_WATER = 0.97
 
 REFUSAL_REASONS = ("full", "per_host", "connect_rate")
 LISTEN_BACKLOG = 1024         # connection bursts of thousands (load tests)
@@ -171,6 +177,11 @@ LATENCY_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
 # Why a connection ended; the metrics' `reason` label takes exactly these.
 DISCONNECT_REASONS = ("exit", "closed", "error", "slow_consumer", "memory_budget", "rejected",
                       "shutdown", "backbone_gap")
+
+# The one line a client closed for these reasons receives first, so that it
+# is told why (like the "Server full" notice); other closes stay silent.
+CLOSE_NOTICES = {"backbone_gap": "Server: messages from the other servers were lost (backbone gap); "
+                                 "reconnect to rejoin the room.\n"}
 
 # accept() failures, by errno; the metrics' `reason` label takes exactly these.
 ACCEPT_ERRORS = {errno.EMFILE: "emfile", errno.ENFILE: "enfile",
@@ -412,7 +423,8 @@ class ClientConnection:
         self.throttled = False  # paused by flood control right now (read by stats())
         # The Sender's: bytes this client's socket refused, waiting to be sent
         # (never more than the outbound budget), and why the Sender closed it.
-        self.outbox = bytearray()
+        self.outbox = collections.deque()  # payloads, oldest first (bytes, memoryview)
+        self.outbox_size = 0
         self.close_reason = None
 
     def start(self):
@@ -688,7 +700,10 @@ class Sender:
                 self._forget_outbox(client)
                 departed.append(item)  # closed by _close_some(), in order
             elif kind == "close_all":
+                notice = CLOSE_NOTICES.get(item[1], "").encode()
                 for client in list(self._room):
+                    if notice and not client.outbox:  # a backlogged client's bytes are dropped with it
+                        self._send(client, notice)  # after what was queued before; then the close
                     self._drop(client, item[1])
             elif kind == "finish":
                 # The process is exiting: every client gets its FIN now
@@ -767,12 +782,15 @@ class Sender:
             data = memoryview(data)[sent:]
             self.backlogged.add(client)
             self._selector.register(client.sock, selectors.EVENT_WRITE, client)
-        client.outbox += data
+        # A reference, not a copy: a round's payload waits once in memory,
+        # however many slow clients it waits for.
+        client.outbox.append(data)
+        client.outbox_size += len(data)
         self.outbox_bytes += len(data)
         reason = None
-        if len(client.outbox) > self.outbound_budget:
+        if client.outbox_size > self.outbound_budget:
             reason = self._send_outbox(client)  # it may have read meanwhile
-            if reason is None and len(client.outbox) > self.outbound_budget:
+            if reason is None and client.outbox_size > self.outbound_budget:
                 log.warning("Dropping %s: more than %d bytes waiting to be sent (slow consumer)",
                             client.address, self.outbound_budget)
                 reason = "slow_consumer"
@@ -786,36 +804,49 @@ class Sender:
         MEMORY_LOW_WATER of it. Their outboxes are freed now; they leave the
         room when the fan-out that walks it ends."""
         target = self.memory_budget * MEMORY_LOW_WATER
-        for client in sorted(self.backlogged, key=lambda c: len(c.outbox), reverse=True):
+        for client in sorted(self.backlogged, key=lambda c: c.outbox_size, reverse=True):
             if self.outbox_bytes <= target:
                 break
             log.warning("Dropping %s: %d bytes waiting to be sent, the most of any client, "
                         "and all clients' together past the memory budget (%d bytes)",
-                        client.address, len(client.outbox), self.memory_budget)
+                        client.address, client.outbox_size, self.memory_budget)
             self._drop(client, "memory_budget", leave_room=False)
             self._evicted.append(client)
 
     def _send_outbox(self, client):
-        """Send what waits for `client`, without blocking. Returns None, or
-        why to drop the client."""
-        try:
-            sent = send_frames(client.sock, client.outbox, socket.MSG_DONTWAIT)
-        except OSError as exc:
-            return self._send_failed(client, exc)
-        self.sent_bytes += sent
-        del client.outbox[:sent]
-        self.outbox_bytes -= sent
-        if not client.outbox:
-            self._forget_outbox(client)
+        """Send what waits for `client`, oldest first, without blocking.
+        Returns None, or why to drop the client."""
+        outbox = client.outbox
+        while outbox:
+            # Rounds' payloads joined up to OUTBOX_SEND_JOIN bytes, so that
+            # many small rounds still leave in full 1024-byte sends.
+            parts = [outbox.popleft()]
+            size = len(parts[0])
+            while outbox and size + len(outbox[0]) <= OUTBOX_SEND_JOIN:
+                size += len(outbox[0])
+                parts.append(outbox.popleft())
+            data = b"".join(parts)
+            try:
+                sent = send_frames(client.sock, data, socket.MSG_DONTWAIT)
+            except OSError as exc:
+                return self._send_failed(client, exc)
+            self.sent_bytes += sent
+            client.outbox_size -= sent
+            self.outbox_bytes -= sent
+            if sent < size:  # the socket is full: the rest waits
+                outbox.appendleft(memoryview(data)[sent:])
+                return None
+        self._forget_outbox(client)
         return None
 
     def _forget_outbox(self, client):
         if client in self.backlogged:
             self.backlogged.discard(client)
             self._selector.unregister(client.sock)
-            self.outbox_bytes -= len(client.outbox)
-            self._freed_bytes += len(client.outbox)
-            client.outbox = bytearray()
+            self.outbox_bytes -= client.outbox_size
+            self._freed_bytes += client.outbox_size
+            client.outbox.clear()
+            client.outbox_size = 0
 
     @staticmethod
     def _send_failed(client, exc):
@@ -912,8 +943,13 @@ class ChatServer:
         self._accept_wake_receiver, self._accept_wake_sender = socket.socketpair()
         self._accept_wake_sender.setblocking(False)
         self._serve = True  # a plain flag: stop_serving() may run in a signal handler
-        # The registry: clients whose sockets are open, and the departed ones'
-        # totals. One lock; held for O(1) work, except by stats().
+        # The registry: clients whose sockets are open (what --max-clients,
+        # --max-per-host and shutdown count), and the departed ones' totals.
+        # One lock; held for O(1) work, except by stats(). Not the room: the
+        # Sender alone knows whom it relays to (Sender._room), a client it
+        # dropped leaves the room at once and the registry once its socket is
+        # closed, and the Sender walks the room thousands of times a second
+        # without a lock.
         self._lock = threading.Lock()
         self._all_closed = threading.Condition(self._lock)
         self._clients = set()
@@ -1106,7 +1142,7 @@ class ChatServer:
     def stats(self):
         """A snapshot of every counter, exact once the room is quiet."""
         sender = self._sender
-        backlogs = [len(client.outbox) for client in tuple(sender.backlogged)]
+        backlogs = [client.outbox_size for client in tuple(sender.backlogged)]
         with self._lock:
             received = self._totals["messages_received"]
             received_bytes = self._totals["received_bytes"]
@@ -1283,8 +1319,13 @@ def parse_args(argv=None):
     parser.add_argument("--metrics-host", default=DEFAULT_HOST, metavar="HOST",
                         help="address for the metrics endpoint (default: %(default)s)")
     parser.add_argument("--backbone", default=None, metavar="URL",
-                        help="share the room with other nodes over Redis Streams, e.g. "
-                             "redis://127.0.0.1:6379/0 (needs the redis package; default: off)")
+                        help="share the room with other nodes over Redis Streams: "
+                             "redis://HOST:PORT/DB, rediss://... (TLS) or, with Redis Sentinel, "
+                             "redis+sentinel://HOST:PORT,HOST:PORT,.../MASTER[/DB]. Default: "
+                             "$CHAT_BACKBONE, else off. Keep passwords out of the URL: "
+                             "REDIS_PASSWORD and REDIS_USERNAME are used when it has none, "
+                             "REDIS_SENTINEL_PASSWORD for the sentinels (needs the redis package; "
+                             "cluster/README.md)")
     return parser.parse_args(argv)
 
 
@@ -1311,26 +1352,40 @@ def _start_metrics(server, host, port):
         print(f"Cannot serve metrics on {host}:{port}: {_describe(exc)}", file=sys.stderr)
         return None
     _warn_if_exposed(host, "the metrics are")
-    log.info("Metrics on http://%s:%d/metrics", host, exporter.port)
+    log.info("Metrics on http://%s/metrics", host_port(host, exporter.port))
     return exporter
 
 
-def _start_backbone(server, url):
-    """Import the project's cluster/ package only when asked to."""
+def _backbone_url(flag):
+    """(URL, where it came from): --backbone, else $CHAT_BACKBONE; (None, None)."""
+    if flag is not None:
+        return flag, "--backbone"
+    if os.environ.get("CHAT_BACKBONE"):
+        return os.environ["CHAT_BACKBONE"], "CHAT_BACKBONE"
+    if os.environ.get("REDIS_URL"):
+        log.warning("REDIS_URL is set but not used: this server runs alone "
+                    "(--backbone URL or CHAT_BACKBONE shares its room with other nodes)")
+    return None, None
+
+
+def _start_backbone(server, url, source):
+    """Import the project's cluster/ package only when asked to. Returns
+    (backbone, None) or (None, exit status): 2 for what waiting cannot fix
+    (a bad URL, credentials, a certificate), 1 without the redis package."""
     _project_root_on_path()
     try:
         from cluster.backbone import start_backbone
-        backbone = start_backbone(server, url, node_port=server.address[1])
+        backbone = start_backbone(server, url, node_port=server.address[1], source=source)
     except ImportError as exc:
         print(f"--backbone needs the redis package and the project's cluster/ package "
               f"({exc}): use the project's .venv (./run-tests creates it; . .venv/bin/activate)",
               file=sys.stderr)
-        return None
-    except (OSError, ValueError) as exc:
-        print(f"Cannot use backbone {url}: {exc}", file=sys.stderr)
-        return None
+        return None, 1
+    except ValueError as exc:  # cluster's BackboneConfigError: its message holds no secret
+        print(f"Cannot use the backbone: {exc}", file=sys.stderr)
+        return None, 2
     server.attach_backbone(backbone)
-    return backbone
+    return backbone, None
 
 
 def _is_loopback(host):
@@ -1393,15 +1448,18 @@ def main(argv=None):
     if stop_requested:
         server.stop_serving()
     exporter = backbone = None
+    status = 1
+    backbone_url, source = _backbone_url(args.backbone)
     if args.metrics_port is not None:
         exporter = _start_metrics(server, args.metrics_host, args.metrics_port)
-    if args.backbone is not None and (args.metrics_port is None or exporter is not None):
-        backbone = _start_backbone(server, args.backbone)
-    if (args.metrics_port is not None and exporter is None) or (args.backbone and backbone is None):
+    if backbone_url is not None and (args.metrics_port is None or exporter is not None):
+        backbone, status = _start_backbone(server, backbone_url, source)
+    if (args.metrics_port is not None and exporter is None) or (backbone_url and backbone is None):
         server.shutdown()
         if exporter is not None:
             exporter.stop()
-        return 1
+        writer.close(LOG_DRAIN_WAIT)
+        return status
     _warn_if_exposed(server.address[0], "the chat is")
     log.info("Server listening on %s", host_port(*server.address))
     server.serve_forever()
@@ -1592,6 +1650,9 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
         super().__init__(records)
         self.dropped = 0
 
+    def prepare(self, record):
+        return record  # as it is: the log writer formats it, and groups by record.msg
+
     def enqueue(self, record):
         try:
             self.queue.put_nowait(record)
@@ -1685,7 +1746,8 @@ class LogWriter:
                     batch.append(records.get_nowait())
             except queue.Empty:
                 pass
-            now = time.monotonic()
+            # Summaries of the windows that ended; all of them when stopping.
+            now = float("inf") if None in batch else time.monotonic()
             batch[:0] = [logging.makeLogRecord({"msg": summary, "levelno": logging.WARNING,
                                                 "levelname": "WARNING", "summary": True})
                          for summary in gate.due(now)]

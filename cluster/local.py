@@ -45,11 +45,12 @@ def free_port(count=1):
 
 
 def _ping(port, timeout=0.5):
-    """True if a Redis server answers PING on 127.0.0.1:port."""
+    """True if a Redis server answers PING on 127.0.0.1:port (with a
+    password set, it answers that it wants one: up all the same)."""
     try:
         with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -62,7 +63,8 @@ class RedisServer:
     out). appendonly=False: no persistence at all (no RDB snapshots either).
     """
 
-    def __init__(self, port=None, appendonly=True, directory=None, program="redis-server"):
+    def __init__(self, port=None, appendonly=True, directory=None, program="redis-server", args=()):
+        self.args = list(args)  # more redis-server options, e.g. ["--requirepass", "..."]
         self.program = shutil.which(program)
         if self.program is None:
             raise FileNotFoundError(f"{program} not found (Debian: apt-get install redis-server)")
@@ -77,8 +79,9 @@ class RedisServer:
         text = "&".join(f"{key}={value}" for key, value in query.items())
         return f"redis://{LOOPBACK}:{self.port}/{db}" + (f"?{text}" if text else "")
 
-    def start(self, wipe=False):
-        """Start it (on its old data unless wipe=True); wait until it answers."""
+    def start(self, wipe=False, ready=None):
+        """Start it (on its old data unless wipe=True); wait until it answers
+        (`ready()` is true: by default, PING on its port answers)."""
         if wipe:
             for path in self.directory.iterdir():
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -86,11 +89,11 @@ class RedisServer:
                    "--dir", str(self.directory), "--save", "",
                    "--appendonly", "yes" if self.appendonly else "no",
                    "--appendfsync", "everysec", "--daemonize", "no",
-                   "--logfile", str(self.directory / "redis.log")]
+                   "--logfile", str(self.directory / "redis.log"), *self.args]
         self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _ping(self.port):
+        while not (ready() if ready is not None else _ping(self.port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 log = (self.directory / "redis.log")
@@ -126,16 +129,64 @@ class RedisServer:
         self.stop()
 
 
+class SentinelServer:
+    """`redis-server sentinel.conf --sentinel` on 127.0.0.1:port, watching
+    the master `name` at 127.0.0.1:master_port (quorum 2, down after 1 s,
+    failover timeout 5 s: ../shared/spec/cluster.md's measured setup).
+    `password`: the sentinel's own (requirepass); `auth_pass`: the
+    master's and replicas'."""
+
+    def __init__(self, master_port, name="mymaster", port=None, quorum=2, down_after_ms=1000,
+                 failover_timeout_ms=5000, password=None, auth_pass=None, program="redis-server"):
+        self.program = shutil.which(program)
+        if self.program is None:
+            raise FileNotFoundError(f"{program} not found (Debian: apt-get install redis-server)")
+        self.port = port or free_port()
+        self.name = name
+        self.directory = Path(tempfile.mkdtemp(prefix="chat-sentinel-"))
+        lines = [f"port {self.port}", f"bind {LOOPBACK}", f"dir {self.directory}",
+                 f"sentinel monitor {name} {LOOPBACK} {master_port} {quorum}",
+                 f"sentinel down-after-milliseconds {name} {down_after_ms}",
+                 f"sentinel failover-timeout {name} {failover_timeout_ms}",
+                 f"sentinel parallel-syncs {name} 1"]
+        if password:
+            lines.append(f"requirepass {password}")
+        if auth_pass:
+            lines.append(f"sentinel auth-pass {name} {auth_pass}")
+        self.config = self.directory / "sentinel.conf"
+        self.config.write_text("\n".join(lines) + "\n")  # sentinel rewrites it: its own copy
+        self.proc = None
+
+    def start(self):
+        command = [self.program, str(self.config), "--sentinel", "--daemonize", "no",
+                   "--logfile", str(self.directory / "sentinel.log")]
+        self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not _ping(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis sentinel did not start on port {self.port}")
+            time.sleep(0.01)  # a poll interval while it starts
+        return self
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
 class Node(RelayProcess):
     """`python a2/mychatserver.py --port PORT [args] --backbone URL` as a child
     process (relayproc.RelayProcess): its output lines, stderr included, are
     collected as they arrive (`lines`); `echo(node, line)` sees each one."""
 
-    def __init__(self, url, port=0, args=(), echo=None, wait=True):
+    def __init__(self, url, port=0, args=(), echo=None, wait=True, env=None):
         command = [sys.executable, str(SERVER_SCRIPT), "--port", str(port), *args]
-        if url is not None:  # None: a plain single server
+        if url is not None:  # None: a plain single server, or the URL in env's CHAT_BACKBONE
             command += ["--backbone", url]
-        super().__init__(command, merge_stderr=True, on_line=echo, wait=wait, timeout=READY_TIMEOUT,
+        super().__init__(command, env=env, merge_stderr=True, on_line=echo, wait=wait, timeout=READY_TIMEOUT,
                          new_session=True)  # a terminal's Ctrl-C goes to our owner
 
     def wait_listening(self, timeout=READY_TIMEOUT):
@@ -154,9 +205,9 @@ class Node(RelayProcess):
         super().stop(signal.SIGINT, timeout)
 
 
-def start_nodes(url, count, args=()):
+def start_nodes(url, count, args=(), env=None):
     """`count` nodes started together (each takes ~0.3 s to import and bind)."""
-    nodes = [Node(url, args=args, wait=False) for _ in range(count)]
+    nodes = [Node(url, args=args, wait=False, env=env) for _ in range(count)]
     try:
         for node in nodes:
             node.wait_listening()
@@ -175,4 +226,4 @@ def stop_all(nodes, redis_server):
         redis_server.stop()
 
 
-__all__ = ["RedisServer", "Node", "free_port", "start_nodes", "stop_all", "LOOPBACK"]
+__all__ = ["RedisServer", "SentinelServer", "Node", "free_port", "start_nodes", "stop_all", "LOOPBACK"]

@@ -58,6 +58,10 @@ HTTP 500, which the tests would catch):
         version, max_client_backlog_bytes, accept_errors_total {reason: n},
         flow_control_pauses_total, flow_control_pause_seconds_total,
         log_lines_dropped_total, backbone (None or the dict below)
+    server, strangers (issue 19; every key present from the first call, zeros included):
+        refused_connections_total {reason: n} (reasons: full, per_host, connect_rate),
+        throttled_clients, throttle_pauses_total, throttled_seconds_total,
+        memory_budget_bytes, log_lines_summarised_total
     backbone (stats()["backbone"], owned by cluster/; also metrics/README.md):
         {"connected": bool,               "entries_out_total": int,
          "messages_out_total": int,       "entries_in_total": int,
@@ -65,7 +69,8 @@ HTTP 500, which the tests would catch):
          "publish_errors_total": int,     "outbox_bytes": int,
          "outbox_budget_bytes": int,      "dropped_messages_total": int,
          "duplicates_total": int,         "gaps_total": int,
-         "peers": int,
+         "peers": int,                    "losses_total": int,
+         "rejected_total": {reason: int} (cluster/validate.py's REJECT_REASONS),
          "delay_buckets": tuple (ascending upper bounds, seconds),
          "delay_counts": list (per bucket, NOT cumulative, last is +Inf),
          "delay_sum": float}
@@ -139,6 +144,13 @@ METRIC_NAMES = (
     "chat_flow_control_pauses_total",
     "chat_flow_control_pause_seconds_total",
     "chat_log_lines_dropped_total",
+    # Strangers (issue 19): refusals, flood control, the memory budget, the log flood gate.
+    "chat_refused_connections_total",
+    "chat_throttled_clients",
+    "chat_throttle_pauses_total",
+    "chat_throttled_seconds_total",
+    "chat_memory_budget_bytes",
+    "chat_log_lines_summarised_total",
 )
 # Exposed only when the server runs with --backbone (stats()["backbone"] is a dict).
 BACKBONE_METRIC_NAMES = (
@@ -155,6 +167,8 @@ BACKBONE_METRIC_NAMES = (
     "chat_backbone_duplicates_total",
     "chat_backbone_gaps_total",
     "chat_backbone_peers",
+    "chat_backbone_losses_total",
+    "chat_backbone_rejected_total",
     "chat_backbone_delay_seconds",
 )
 
@@ -162,7 +176,7 @@ BACKBONE_METRIC_NAMES = (
 # Prometheus' UI, so it says exactly what is counted and what is not.
 _SCALARS = (
     ("chat_connections_total", "counter", "connections_total",
-     "TCP connections accepted, including ones then refused because the server was full."),
+     "TCP connections accepted, including ones then refused (see chat_refused_connections_total)."),
     ("chat_clients", "gauge", "clients",
      "Clients connected now (those messages are relayed to)."),
     ("chat_max_clients", "gauge", "max_clients",
@@ -190,6 +204,19 @@ _FLOW_AND_LOG = (
      "Total seconds senders' readers waited for back-pressure to clear."),
     ("chat_log_lines_dropped_total", "counter", "log_lines_dropped_total",
      "Log lines dropped because the log output was stalled (the server never blocks on logging)."),
+)
+# Strangers (issue 19), after the refusals by reason, in the same form.
+_STRANGERS = (
+    ("chat_throttled_clients", "gauge", "throttled_clients",
+     "Clients paused by flood control right now (--max-rate/--max-burst): not read until their budget allows."),
+    ("chat_throttle_pauses_total", "counter", "throttle_pauses_total",
+     "Times a client was paused by flood control (its lines are delayed, never dropped)."),
+    ("chat_throttled_seconds_total", "counter", "throttled_seconds_total",
+     "Total seconds clients were paused by flood control; rate() of it is the average number of clients paused."),
+    ("chat_memory_budget_bytes", "gauge", "memory_budget_bytes",
+     "The configured --memory-budget: past it, all outboxes together, the largest outboxes are dropped."),
+    ("chat_log_lines_summarised_total", "counter", "log_lines_summarised_total",
+     "Warnings held back by the log flood gate and summed up in one '... and N more like' line."),
 )
 
 _BACKBONE_SCALARS = (
@@ -219,11 +246,16 @@ _BACKBONE_SCALARS = (
      "Unrepairable gaps in another node's sequence; local clients were closed (backbone_gap)."),
     ("chat_backbone_peers", "gauge", "peers",
      "Other nodes heard from recently (this node excluded)."),
+    ("chat_backbone_losses_total", "counter", "losses_total",
+     "Times the backbone (Redis) was lost, whichever layer noticed (a reconnect follows each)."),
 )
+_REJECTED_HELP = ("Stream entries rejected unread by reason: fields, node_id, size, frame, control "
+                  "(escape sequences or control characters), sequence (a number far ahead of the node's).")
 
 _DISCONNECTS_HELP = ("Connections ended, by reason: exit (client sent exit), closed (client closed), "
                      "error (socket error), slow_consumer (outbound queue over budget), "
-                     "rejected (server full), shutdown (server stopping), "
+                     "memory_budget (largest outbox, all outboxes together over --memory-budget), "
+                     "rejected (refused: full, per_host or connect_rate), shutdown (server stopping), "
                      "backbone_gap (the backbone lost messages for this node's clients).")
 _BACKLOG_HELP = "Bytes queued for clients but not yet accepted by their sockets, summed over clients."
 _LATENCY_HELP = ("Relay latency: from a read's arrival at the server to its messages' frames being "
@@ -231,6 +263,9 @@ _LATENCY_HELP = ("Relay latency: from a read's arrival at the server to its mess
 _BUILD_HELP = "Always 1; the label `version` is the server's VERSION (also `mychatserver.py --version`)."
 _ACCEPT_ERRORS_HELP = ("accept() failures by reason: emfile/enfile (out of file descriptors, process/system), "
                        "enobufs/enomem (out of kernel memory), other. The client waits in the backlog.")
+_REFUSED_HELP = ("Connections refused with a one-line notice, by reason: full (--max-clients), "
+                 "per_host (--max-per-host), connect_rate (--max-connect-rate). Each is also a "
+                 "disconnect with reason rejected.")
 _DELAY_HELP = ("Backbone delay: from the publishing node's publish time (wall clock) to the "
                "messages being handed to this node's clients. Observed once per message.")
 
@@ -299,10 +334,15 @@ class ChatCollector:
         families.append(_labelled("chat_accept_errors_total", _ACCEPT_ERRORS_HELP, "reason",
                                   get("accept_errors_total")))
         families += [_scalar(name, kind, help_text, get(key)) for name, kind, key, help_text in _FLOW_AND_LOG]
+        families.append(_labelled("chat_refused_connections_total", _REFUSED_HELP, "reason",
+                                  get("refused_connections_total")))
+        families += [_scalar(name, kind, help_text, get(key)) for name, kind, key, help_text in _STRANGERS]
         backbone = get("backbone")
         if backbone is not None:  # only with --backbone
             families += [_scalar(name, kind, help_text, backbone[key])
                          for name, kind, key, help_text in _BACKBONE_SCALARS]
+            families.append(_labelled("chat_backbone_rejected_total", _REJECTED_HELP, "reason",
+                                      backbone["rejected_total"]))
             families.append(_histogram("chat_backbone_delay_seconds", _DELAY_HELP,
                                        backbone["delay_buckets"], backbone["delay_counts"],
                                        backbone["delay_sum"]))
@@ -356,7 +396,9 @@ class MetricsHTTPServer:
         self.response_timeout = response_timeout
         self.snapshot_window = snapshot_window
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        dual_stack = host == "::" and socket.has_dualstack_ipv6()  # "::" takes IPv4 too
+        self._listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG,
+                                              dualstack_ipv6=dual_stack)
         self._listener.setblocking(False)
         self.server_address = self._listener.getsockname()[:2]
         self._wake_reader, self._wake_writer = socket.socketpair()

@@ -84,8 +84,10 @@ class Peer:
     """A raw TCP chat client, the way classmates write them: it sends bytes as
     given and reads whatever arrives. Reads have deadlines, so no test hangs."""
 
-    def __init__(self, address, timeout=5.0):
-        self.sock = socket.create_connection(address, timeout=timeout)
+    def __init__(self, address, timeout=5.0, source=None):
+        """`source`: the address to connect from, e.g. 127.0.0.2 (another host)."""
+        self.sock = socket.create_connection(address, timeout=timeout,
+                                             source_address=None if source is None else (source, 0))
         self.port = self.sock.getsockname()[1]  # the port the server prefixes us with
         self.received = bytearray()  # grows in place: a 5 MB read stays linear
 

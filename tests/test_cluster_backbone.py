@@ -113,7 +113,10 @@ def test_delivery_is_exact_batched_and_never_echoed(redis_server, backbones):
                                  "entries_in_total", "messages_in_total", "reconnects_total",
                                  "publish_errors_total", "outbox_bytes", "outbox_budget_bytes",
                                  "dropped_messages_total", "duplicates_total", "gaps_total",
-                                 "peers", "delay_buckets", "delay_counts", "delay_sum"])
+                                 "peers", "losses_total", "rejected_total",
+                                 "delay_buckets", "delay_counts", "delay_sum"])
+    assert sa["rejected_total"] == sb["rejected_total"] == dict.fromkeys(
+        ("fields", "node_id", "size", "frame", "control", "sequence"), 0)
 
 
 def test_a_resent_entry_is_dropped_as_a_duplicate(redis_server, backbones):

@@ -23,7 +23,7 @@ from relayproc import process_usage
 
 @pytest.mark.timeout(60)
 def test_client_that_never_reads_cannot_stall_a_5mb_flood(server_process):
-    server = server_process("--quiet")
+    server = server_process("--quiet", "--max-rate", "0")  # the flood at full speed
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect(server.address)  # and never reads

@@ -67,9 +67,13 @@ def test_max_clients_newcomers_get_a_notice_and_the_room_is_untouched(server_pro
 
     status, lines, err = server.stop()
     assert status == 0
+    # The first LOG_FLOOD_LINES refusals are shown, the rest summed up in one line.
+    refused = [polite, talker] + crowd
     refusals = [line for line in err.splitlines() if line.startswith("Refusing")]
     assert refusals == [f"Refusing ('127.0.0.1', {p.port}): Server full (3 clients). Try again later."
-                        for p in [polite, talker] + crowd]
+                        for p in refused[:LOG_FLOOD_LINES]]
+    more = len(refused) - LOG_FLOOD_LINES
+    assert f'... and {more} more like "{refusals[0]}" in the last 10 s' in err.splitlines()
     assert "Traceback" not in err
 
 

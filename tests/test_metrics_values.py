@@ -13,6 +13,10 @@ counters after its fan-out, sent bytes after sendall() returns, a disconnect
 after the connection's threads finish), so each test waits, with a deadline,
 until the scrape equals the exact expected values and then asserts equality:
 a wrong value fails with a full diff, never with a timeout alone.
+
+Issue 19 (strangers) adds refusals by reason, flood control, the memory
+budget and the log flood gate: each is caused for real against a running
+server and its exported value checked exactly.
 """
 
 import itertools
@@ -31,7 +35,8 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from a2.mychatserver import DISCONNECT_REASONS, LATENCY_BUCKETS, VERSION, frame
+from a2.mychatserver import (DEFAULT_MEMORY_BUDGET, DISCONNECT_REASONS, LATENCY_BUCKETS, LOG_FLOOD_LINES,
+                             REFUSAL_REASONS, VERSION, frame)
 from conftest import SERVER_SCRIPT, Peer, running_server, wait_until
 from reliability_helpers import listening_ports
 from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, ChatCollector, start_metrics_server
@@ -68,7 +73,9 @@ def chat_values(text):
 
 def expected_values(*, connections, clients, max_clients, received, relayed, received_bytes,
                     sent_bytes, backlog=0, max_backlog=0, accept_errors=None, flow_pauses=0,
-                    flow_pause_seconds=0.0, log_dropped=0, version=VERSION, **disconnects):
+                    flow_pause_seconds=0.0, log_dropped=0, version=VERSION, refused=None, throttled=0,
+                    throttle_pauses=0, throttled_seconds=0.0, budget_bytes=DEFAULT_MEMORY_BUDGET,
+                    log_summarised=0, **disconnects):
     values = {
         "chat_connections_total": connections,
         "chat_clients": clients,
@@ -83,30 +90,41 @@ def expected_values(*, connections, clients, max_clients, received, relayed, rec
         "chat_flow_control_pauses_total": flow_pauses,
         "chat_flow_control_pause_seconds_total": flow_pause_seconds,
         "chat_log_lines_dropped_total": log_dropped,
+        "chat_throttled_clients": throttled,
+        "chat_throttle_pauses_total": throttle_pauses,
+        "chat_throttled_seconds_total": throttled_seconds,
+        "chat_memory_budget_bytes": budget_bytes,
+        "chat_log_lines_summarised_total": log_summarised,
     }
     assert set(disconnects) <= set(DISCONNECT_REASONS), disconnects
     for reason in DISCONNECT_REASONS:
         values[f'chat_disconnects_total{{reason="{reason}"}}'] = disconnects.get(reason, 0)
     for reason in ACCEPT_ERROR_REASONS:
         values[f'chat_accept_errors_total{{reason="{reason}"}}'] = (accept_errors or {}).get(reason, 0)
+    assert set(refused or {}) <= set(REFUSAL_REASONS), refused
+    for reason in REFUSAL_REASONS:
+        values[f'chat_refused_connections_total{{reason="{reason}"}}'] = (refused or {}).get(reason, 0)
     return {key: float(value) for key, value in values.items()}
 
 
 def scrape_until(url, expected, timeout=5.0):
     """Scrape until the chat_ values equal `expected`; then return the full text.
-    On timeout, fail with the difference between the last scrape and `expected`."""
-    last = {}
+    On timeout, fail with the difference between the last scrape and `expected`.
+    `expected` may be a function, called afresh for each scrape (values that
+    must settle, e.g. taken from server.stats())."""
+    last, want = {}, {}
 
     def matches():
-        nonlocal last
+        nonlocal last, want
+        want = expected() if callable(expected) else expected
         text = fetch(url)
         last = chat_values(text)
-        return text if last == expected else None
+        return text if last == want else None
 
     try:
         return wait_until(matches, timeout, message="exact metric values")
     except AssertionError:
-        assert last == expected  # shows the diff
+        assert last == want  # shows the diff
         raise
 
 
@@ -163,7 +181,9 @@ def test_fresh_server_exposes_every_family_at_zero(metered):
         "chat_messages_relayed", "chat_received_bytes", "chat_sent_bytes", "chat_disconnects",
         "chat_outbound_backlog_bytes", "chat_relay_latency_seconds", "chat_build_info",
         "chat_max_client_backlog_bytes", "chat_accept_errors", "chat_flow_control_pauses",
-        "chat_flow_control_pause_seconds", "chat_log_lines_dropped"]
+        "chat_flow_control_pause_seconds", "chat_log_lines_dropped",
+        "chat_refused_connections", "chat_throttled_clients", "chat_throttle_pauses",
+        "chat_throttled_seconds", "chat_memory_budget_bytes", "chat_log_lines_summarised"]
     assert {name: found[name].type for name in found if name.startswith("chat_")} == {
         "chat_connections": "counter", "chat_clients": "gauge", "chat_max_clients": "gauge",
         "chat_messages_received": "counter", "chat_messages_relayed": "counter",
@@ -172,7 +192,10 @@ def test_fresh_server_exposes_every_family_at_zero(metered):
         "chat_relay_latency_seconds": "histogram", "chat_build_info": "gauge",
         "chat_max_client_backlog_bytes": "gauge", "chat_accept_errors": "counter",
         "chat_flow_control_pauses": "counter", "chat_flow_control_pause_seconds": "counter",
-        "chat_log_lines_dropped": "counter"}
+        "chat_log_lines_dropped": "counter",
+        "chat_refused_connections": "counter", "chat_throttled_clients": "gauge",
+        "chat_throttle_pauses": "counter", "chat_throttled_seconds": "counter",
+        "chat_memory_budget_bytes": "gauge", "chat_log_lines_summarised": "counter"}
     assert not any(name.startswith("chat_backbone") for name in found)  # no --backbone
     # METRIC_NAMES (used by the docs tests) is the exposed list, as Prometheus names series.
     assert list(METRIC_NAMES) == [name + "_total" if found[name].type == "counter" else name
@@ -238,7 +261,7 @@ def test_scripted_conversation_every_value_exact(metered):
         relayed=10,     # 2 + 2*2 + 2 + 2
         received_bytes=len(b"hello\n" b"one\ntwo\n" b"exit\n" b"hi there\n" b"   \n" b"bye\n"),
         sent_bytes=sent,  # relayed frames only; e's "Server full" notice is not a chat frame
-        exit=1, closed=1, rejected=1)
+        exit=1, closed=1, rejected=1, refused={"full": 1})
     text = scrape_until(exporter.url, expected)
     assert_histogram_matches(text, server.stats())
     for peer in (a, d, e):
@@ -323,7 +346,7 @@ def test_many_clients_sending_at_once_counters_exact(metered):
 def test_slow_consumer_drop_is_counted(metered):
     """A client that never reads is dropped (reason slow_consumer); the counters
     that are knowable exactly are exact, the others are bounded."""
-    server, exporter = metered(outbound_budget=4096)
+    server, exporter = metered(outbound_budget=4096, max_rate=0)  # no flood control: it floods
     sender = Peer(server.address)
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fill the kernel's buffers sooner
@@ -353,6 +376,176 @@ def test_slow_consumer_drop_is_counted(metered):
     stuck.close()
     sender.close()
 
+
+# --- strangers (issue 19): refusals, flood control, the memory budget ----------------------
+
+PER_HOST_NOTICE = b"Too many connections from your address (1). Try again later.\n"
+
+
+def refused(address, source=None):
+    """Connect (from `source`, e.g. 127.0.0.2: another host on loopback) and
+    return the one-line notice the server closed the connection with."""
+    peer = Peer(address, source=source)
+    try:
+        return peer.expect_closed()
+    finally:
+        peer.close()
+
+
+def test_refusals_by_reason_every_value_exact(metered):
+    """3 per_host, 2 connect_rate and 1 full refusal, each exported under its
+    reason, and each one a `rejected` disconnect too."""
+    server, exporter = metered(max_clients=3, max_per_host=1, max_connect_rate=0.001,
+                               exempt_hosts="127.0.0.1/32")
+    holder = Peer(server.address, source="127.0.0.2")  # takes 127.0.0.2's one slot
+    wait_until(lambda: server.client_count == 1, message="127.0.0.2's first connection")
+    for _ in range(3):
+        assert refused(server.address, "127.0.0.2") == PER_HOST_NOTICE
+
+    # 127.0.0.3 spends its one connection token (0.001/s: none comes back in
+    # this test), leaves, and its next two connections come too soon.
+    visitor = Peer(server.address, source="127.0.0.3")
+    wait_until(lambda: server.client_count == 2, message="127.0.0.3 admitted")
+    assert visitor.leave() == b""
+    wait_until(lambda: server.client_count == 1, message="127.0.0.3 gone")
+    for _ in range(2):
+        assert refused(server.address, "127.0.0.3") == (
+            b"Connecting too often (more than 0.001 a second). Try again later.\n")
+
+    # 127.0.0.1 is exempt from the per-host limits, not from --max-clients.
+    locals_ = [Peer(server.address) for _ in range(2)]
+    wait_until(lambda: server.client_count == 3, message="3 clients")
+    assert refused(server.address) == b"Server full (3 clients). Try again later.\n"
+
+    expected = expected_values(
+        connections=10,  # 1 + 3 from 127.0.0.2, 1 + 2 from 127.0.0.3, 2 + 1 from 127.0.0.1
+        clients=3, max_clients=3, received=0, relayed=0, received_bytes=len(b"exit"),  # leave()
+        sent_bytes=0, exit=1, rejected=6, refused={"per_host": 3, "connect_rate": 2, "full": 1})
+    text = scrape_until(exporter.url, expected)
+    assert server.stats()["refused_connections_total"] == {"full": 1, "per_host": 3, "connect_rate": 2}
+    assert families(text)["chat_refused_connections"].type == "counter"
+    for peer in [holder, *locals_]:
+        peer.close()
+
+
+def test_flood_control_pause_is_exported(metered):
+    """A client over --max-rate is paused (never dropped): chat_throttled_clients
+    is 1 while it waits, and the pause is counted once it ends."""
+    server, exporter = metered(max_rate=0.5, max_burst=1)  # one line, then one every 2 s
+    flooder, reader = Peer(server.address), Peer(server.address)
+    wait_until(lambda: server.client_count == 2, message="2 clients")
+    flooder.send("one\ntwo\n")
+    reader.expect(frame(flooder.port, "one"))
+    # "two" waits 2 s for its token; the flooder is shown paused meanwhile.
+    wait_until(lambda: chat_values(fetch(exporter.url))["chat_throttled_clients"] == 1.0,
+               message="chat_throttled_clients == 1 during the pause")
+    reader.expect(frame(flooder.port, "two"), timeout=10)
+
+    def expected():
+        stats = server.stats()
+        return expected_values(
+            connections=2, clients=2, max_clients=server.max_clients, received=2, relayed=2,
+            received_bytes=len(b"one\ntwo\n"),
+            sent_bytes=len(frame(flooder.port, "one") + frame(flooder.port, "two")),
+            flow_pauses=stats["flow_control_pauses_total"],
+            flow_pause_seconds=stats["flow_control_pause_seconds_total"],
+            throttled=0, throttle_pauses=1, throttled_seconds=stats["throttled_seconds_total"])
+
+    scrape_until(exporter.url, expected)
+    # One pause, of at least the 2 s that one token takes at 0.5 lines/s
+    # (a little less if "two" arrived in a later read than "one").
+    assert 1.9 <= server.stats()["throttled_seconds_total"] < 10
+    flooder.close()
+    reader.close()
+
+
+def test_memory_budget_eviction_and_outbox_total_are_exported(metered):
+    """The outbox total is exported exactly while a client does not read; past
+    --memory-budget that client is dropped (reason memory_budget) and the total
+    returns to 0."""
+    budget = 512 * 1024
+    server, exporter = metered(max_rate=0, memory_budget=budget, outbound_budget=64 * 1024 * 1024)
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # refuses data soon
+    stuck.connect(server.address)
+    flooder, reader = Peer(server.address, timeout=15), Peer(server.address, timeout=15)
+    wait_until(lambda: server.client_count == 3, message="3 clients")
+    line = "x" * 900
+    sent = 0
+
+    def flood(lines):
+        nonlocal sent
+        flooder.send(f"{line}\n" * lines)
+        sent += lines
+        reader.read_until(lambda got: got.count(b"\n") >= sent, timeout=15)
+
+    def settled(**known):
+        """Expected values for whatever the server could not know in advance
+        (bytes the stuck client's kernel took), from a fresh snapshot."""
+        def expected():
+            stats = server.stats()
+            return expected_values(
+                connections=3, clients=server.client_count, max_clients=server.max_clients,
+                received=sent, relayed=stats["messages_relayed_total"],
+                received_bytes=sent * (len(line) + 1), sent_bytes=stats["sent_bytes_total"],
+                backlog=stats["outbound_backlog_bytes"], max_backlog=stats["max_client_backlog_bytes"],
+                flow_pauses=stats["flow_control_pauses_total"],
+                flow_pause_seconds=stats["flow_control_pause_seconds_total"],
+                budget_bytes=budget, **known)
+        return expected
+
+    deadline = time.monotonic() + 20
+    while server.stats()["outbound_backlog_bytes"] == 0:
+        assert time.monotonic() < deadline, "the stuck client's outbox never grew"
+        flood(20)
+    # Nothing more is sent: the stuck client's outbox stays as it is, and is
+    # exported exactly: the only outbox, so the total and the largest agree.
+    text = scrape_until(exporter.url, settled())
+    values = chat_values(text)
+    assert 0 < values["chat_outbound_backlog_bytes"] == values["chat_max_client_backlog_bytes"] < budget
+
+    while server.stats()["disconnects_total"]["memory_budget"] == 0:
+        assert time.monotonic() < deadline, "the stuck client was never dropped"
+        flood(20)
+    wait_until(lambda: server.client_count == 2, message="the stuck client removed")
+    text = scrape_until(exporter.url, settled(memory_budget=1))
+    values = chat_values(text)
+    assert values["chat_outbound_backlog_bytes"] == values["chat_max_client_backlog_bytes"] == 0
+    assert 0 < values["chat_messages_relayed_total"] - sent <= sent  # some were queued for `stuck`
+    stuck.close()
+    flooder.close()
+    reader.close()
+
+
+def test_server_process_exports_refusals_and_summarised_log_lines(server_process):
+    """The real command line: per-host refusals from 127.0.0.1 (nothing exempt),
+    each one a warning; past LOG_FLOOD_LINES of them the log flood gate holds
+    the rest back, and exactly those are counted as summarised."""
+    proc = server_process("--metrics-port", "0", "--quiet", "--max-per-host", "1",
+                          "--max-connect-rate", "0", "--exempt-hosts", "",
+                          "--memory-budget", "1000000")
+    match = next(filter(None, map(METRICS_LINE.match, proc.lines)))
+    url = f"http://127.0.0.1:{match.group(2)}/metrics"
+    holder = Peer(proc.address)
+    proc.wait_for_count("New connection", 1)
+    refusals = 12
+    for _ in range(refusals):
+        assert refused(proc.address) == PER_HOST_NOTICE
+
+    def shown():  # warnings written as they are; the summary line starts with "..."
+        return sum(line.startswith("Refusing") for line in list(proc.errors))
+
+    def expected():
+        return expected_values(
+            connections=1 + refusals, clients=1, max_clients=10_000, received=0, relayed=0,
+            received_bytes=0, sent_bytes=0, rejected=refusals, refused={"per_host": refusals},
+            budget_bytes=1_000_000, log_summarised=refusals - shown())
+
+    scrape_until(url, expected)
+    assert LOG_FLOOD_LINES <= shown() < refusals  # some were held back
+    holder.close()
+    rc, _, err = proc.stop()
+    assert rc == 0, err
 
 def test_exporter_defaults_to_loopback_and_stop_closes_the_port():
     with running_server() as server:
@@ -399,11 +592,13 @@ seconds = st.floats(min_value=0, max_value=1e9, allow_nan=False)
 SCALAR_KEYS = ("connections_total", "clients", "max_clients", "messages_received_total",
                "messages_relayed_total", "received_bytes_total", "sent_bytes_total",
                "outbound_backlog_bytes", "max_client_backlog_bytes", "flow_control_pauses_total",
-               "log_lines_dropped_total")
+               "log_lines_dropped_total", "throttled_clients", "throttle_pauses_total",
+               "memory_budget_bytes", "log_lines_summarised_total")
 # The backbone's stats() dict, exactly as metrics/README.md and /work/briefs/backbone-stats.md define it.
 BACKBONE_COUNTS = ("entries_out_total", "messages_out_total", "entries_in_total", "messages_in_total",
                    "reconnects_total", "publish_errors_total", "outbox_bytes", "outbox_budget_bytes",
-                   "dropped_messages_total", "duplicates_total", "gaps_total", "peers")
+                   "dropped_messages_total", "duplicates_total", "gaps_total", "peers", "losses_total")
+REJECT_REASONS = ("fields", "node_id", "size", "frame", "control", "sequence")
 DELAY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -412,11 +607,14 @@ def backbone_values(backbone):
     values = {"chat_backbone_connected": float(backbone["connected"])}
     for key in BACKBONE_COUNTS:
         values[f"chat_backbone_{key}"] = float(backbone[key])
+    for reason, count in backbone["rejected_total"].items():
+        values[f'chat_backbone_rejected_total{{reason="{reason}"}}'] = float(count)
     return values
 
 
 backbones = st.none() | st.fixed_dictionaries({
     "connected": st.booleans(), **{key: counts for key in BACKBONE_COUNTS},
+    "rejected_total": st.fixed_dictionaries({reason: counts for reason in REJECT_REASONS}),
     "delay_buckets": st.just(DELAY_BUCKETS),
     "delay_counts": st.lists(st.integers(0, 10**9), min_size=len(DELAY_BUCKETS) + 1,
                              max_size=len(DELAY_BUCKETS) + 1),
@@ -427,12 +625,14 @@ backbones = st.none() | st.fixed_dictionaries({
 @given(scalars=st.lists(counts, min_size=len(SCALAR_KEYS), max_size=len(SCALAR_KEYS)),
        disconnects=st.lists(counts, min_size=len(DISCONNECT_REASONS), max_size=len(DISCONNECT_REASONS)),
        accept_errors=st.lists(counts, min_size=len(ACCEPT_ERROR_REASONS), max_size=len(ACCEPT_ERROR_REASONS)),
+       refused=st.lists(counts, min_size=len(REFUSAL_REASONS), max_size=len(REFUSAL_REASONS)),
+       throttled_seconds=seconds,
        latency=st.lists(st.integers(0, 10**9), min_size=len(LATENCY_BUCKETS) + 1,
                         max_size=len(LATENCY_BUCKETS) + 1),
        latency_sum=seconds, pause_seconds=seconds, version=st.sampled_from(["2.0.0", "2.1.0-rc1"]),
        backbone=backbones)
 def test_any_snapshot_round_trips_exactly(scalars, disconnects, accept_errors, latency, latency_sum,
-                                          pause_seconds, version, backbone):
+                                          pause_seconds, version, backbone, refused, throttled_seconds):
     """Whatever stats() says is what a parser reads back: integers up to 2**53
     and the float sums survive the text format, buckets come out cumulative,
     and the backbone families appear exactly when stats()["backbone"] is a dict."""
@@ -441,7 +641,9 @@ def test_any_snapshot_round_trips_exactly(scalars, disconnects, accept_errors, l
                  accept_errors_total=dict(zip(ACCEPT_ERROR_REASONS, accept_errors)),
                  relay_latency_buckets=LATENCY_BUCKETS, relay_latency_counts=latency,
                  relay_latency_sum=latency_sum, messages_received_total=sum(latency),
-                 flow_control_pause_seconds_total=pause_seconds, version=version, backbone=backbone)
+                 flow_control_pause_seconds_total=pause_seconds, version=version, backbone=backbone,
+                 refused_connections_total=dict(zip(REFUSAL_REASONS, refused)),
+                 throttled_seconds_total=throttled_seconds)
     registry = CollectorRegistry()
     registry.register(ChatCollector(FakeServer(stats)))
     text = generate_latest(registry).decode()
@@ -456,7 +658,10 @@ def test_any_snapshot_round_trips_exactly(scalars, disconnects, accept_errors, l
         max_backlog=stats["max_client_backlog_bytes"],
         accept_errors=stats["accept_errors_total"], flow_pauses=stats["flow_control_pauses_total"],
         flow_pause_seconds=pause_seconds, log_dropped=stats["log_lines_dropped_total"],
-        version=version, **dict(zip(DISCONNECT_REASONS, disconnects)))
+        version=version, refused=stats["refused_connections_total"], throttled=stats["throttled_clients"],
+        throttle_pauses=stats["throttle_pauses_total"], throttled_seconds=throttled_seconds,
+        budget_bytes=stats["memory_budget_bytes"], log_summarised=stats["log_lines_summarised_total"],
+        **dict(zip(DISCONNECT_REASONS, disconnects)))
     assert_histogram_matches(text, stats)
     found = families(text)
     if backbone is None:
@@ -478,7 +683,8 @@ def _zero_stats(**overrides):
     stats = dict.fromkeys(SCALAR_KEYS, 0)
     stats.update(disconnects_total={}, accept_errors_total={}, relay_latency_buckets=(0.1, 1.0),
                  relay_latency_counts=[0, 0, 0], relay_latency_sum=0.0,
-                 flow_control_pause_seconds_total=0.0, version="2.0.0", backbone=None)
+                 flow_control_pause_seconds_total=0.0, version="2.0.0", backbone=None,
+                 refused_connections_total={}, throttled_seconds_total=0.0)
     stats.update(overrides)
     return stats
 
@@ -488,7 +694,7 @@ def test_collector_rejects_mismatched_histogram():
     with pytest.raises(ValueError, match="chat_relay_latency_seconds: 2 buckets but 2 counts"):
         collector.collect()
     backbone = dict.fromkeys(BACKBONE_COUNTS, 0)
-    backbone.update(connected=True, delay_buckets=(0.1,), delay_counts=[0], delay_sum=0.0)  # needs 2
+    backbone.update(connected=True, rejected_total={}, delay_buckets=(0.1,), delay_counts=[0], delay_sum=0.0)  # needs 2
     with pytest.raises(ValueError, match="chat_backbone_delay_seconds: 1 buckets but 1 counts"):
         ChatCollector(FakeServer(_zero_stats(backbone=backbone))).collect()
 

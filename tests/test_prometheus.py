@@ -24,7 +24,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from a2.mychatserver import DISCONNECT_REASONS, VERSION, ChatServer, frame
+from a2.mychatserver import DEFAULT_MEMORY_BUDGET, DISCONNECT_REASONS, REFUSAL_REASONS, VERSION, ChatServer, frame
 from conftest import ROOT, Peer, wait_until
 from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, start_metrics_server
 
@@ -38,6 +38,7 @@ README = METRICS_DIR / "README.md"
 ALERTS = ["ChatServerDown", "ChatServerTargetMissing", "ChatSlowConsumerDrops",
           "ChatRelayLatencyHigh", "ChatClientsAtMaximum", "ChatFileDescriptorsNearLimit",
           "ChatServerRestarted", "ChatAcceptErrors", "ChatLogLinesDropped",
+          "ChatConnectionStorm", "ChatMemoryBudgetEvictions", "ChatClientsThrottled",
           "ChatBackboneDown", "ChatBackboneGap", "ChatBackboneOutboxHigh", "ChatBackboneDelayHigh"]
 BACKBONE_ALERTS = ALERTS[-4:]
 RECORDING_RULES = ["instance:chat_messages_received:rate1m", "instance:chat_messages_relayed:rate1m",
@@ -213,13 +214,16 @@ def test_dashboard_is_importable_and_covers_the_issue():
             assert unit is not None and unit != "short", panel["title"]
             assert unit in units or unit.startswith("suffix: "), (panel["title"], unit)
     assert rows == ["Health", "Traffic", "Disconnects and errors, per instance", "Process",
-                    "Backbone, per instance (only with --backbone)"]
+                    "Backbone, per instance (only with --backbone)", "Strangers"]
     by_title = {p["title"]: p for p in panels}
     assert by_title["Messages per second"]["fieldConfig"]["defaults"]["unit"] == "suffix: msg/s"
     assert by_title["Relay latency heatmap"]["targets"][0]["format"] == "heatmap"
     assert by_title["Relay latency heatmap"]["options"]["calculate"] is False  # Prometheus' own buckets
     assert {"CPU", "Resident memory", "Open descriptors vs limit", "Target up", "Firing alerts",
             "Disconnects by reason", "Slow-consumer drops"} <= set(by_title)
+    # Issue 19's strangers: refusals by reason, throttling, outboxes vs the memory budget, evictions.
+    assert {"Refused connections by reason", "Throttled clients", "Outbox vs memory budget",
+            "Memory-budget evictions", "Flood-control pauses and summarised log lines"} <= set(by_title)
 
     queries = dashboard_queries()
     # Every chat_ series a panel queries is one the exporter exposes.
@@ -328,6 +332,7 @@ class StandInBackbone:
                 "entries_in_total": 2 * n, "messages_in_total": 10 * n, "reconnects_total": 0,
                 "publish_errors_total": 0, "outbox_bytes": 0, "outbox_budget_bytes": 1 << 20,
                 "dropped_messages_total": 0, "duplicates_total": 0, "gaps_total": 0, "peers": 2,
+                "losses_total": 0, "rejected_total": {"control": 0},
                 "delay_buckets": self.BUCKETS, "delay_counts": counts, "delay_sum": 0.02 * n}
 
     def publish(self, port, messages):
@@ -397,10 +402,16 @@ def test_real_prometheus_scrapes_exact_values_and_nothing_fires(server_process, 
             ("chat_flow_control_pauses_total", ""): 0.0,
             ("chat_flow_control_pause_seconds_total", ""): 0.0,
             ("chat_log_lines_dropped_total", ""): 0.0,
+            **{("chat_refused_connections_total", reason): 0.0 for reason in REFUSAL_REASONS},
+            ("chat_throttled_clients", ""): 0.0,
+            ("chat_throttle_pauses_total", ""): 0.0,
+            ("chat_throttled_seconds_total", ""): 0.0,
+            ("chat_memory_budget_bytes", ""): float(DEFAULT_MEMORY_BUDGET),
+            ("chat_log_lines_summarised_total", ""): 0.0,
         }
         selector = (f'{{job="chat", instance="{metrics_address}", __name__=~"up|chat_[a-z_]+_total|chat_clients'
                     '|chat_max_clients|chat_outbound_backlog_bytes|chat_relay_latency_seconds_count'
-                    '|chat_build_info|chat_max_client_backlog_bytes"}')
+                    '|chat_build_info|chat_max_client_backlog_bytes|chat_throttled_clients|chat_memory_budget_bytes"}')
         last = {}
 
         def values():
