@@ -82,12 +82,19 @@ def assert_clean_screen(raw):
 
 # --- the server dies ---------------------------------------------------------------
 
-def test_server_killed_mid_conversation_terminal(server_process, terminal_clients):
+def server_with_two_in_the_room(server_process, start_client):
+    """A server process, a raw peer and a client (start_client(address)),
+    both of them in its room."""
     server = server_process("--quiet")
-    other = Peer(server.address)
-    client = terminal_clients(server.address)
+    peer = Peer(server.address)
+    client = start_client(server.address)
     client.wait_for(CONNECTED)
     server.wait_for_count("New connection", 2)
+    return server, peer, client
+
+
+def test_server_killed_mid_conversation_terminal(server_process, terminal_clients):
+    server, other, client = server_with_two_in_the_room(server_process, terminal_clients)
     client.type("hello\r")
     assert other.read_until(lambda got: got.endswith(b"hello\n")).endswith(b": hello\n")
     other.send("hi back\n")
@@ -102,11 +109,7 @@ def test_server_killed_mid_conversation_terminal(server_process, terminal_client
 
 
 def test_server_killed_while_a_piped_client_is_sending(server_process, piped_clients):
-    server = server_process("--quiet")
-    listener = Peer(server.address)
-    client = piped_clients(server.address)
-    client.wait_for(CONNECTED)
-    server.wait_for_count("New connection", 2)
+    server, listener, client = server_with_two_in_the_room(server_process, piped_clients)
     stop = threading.Event()
 
     def keep_typing():

@@ -87,6 +87,17 @@ def stat(node, key):
     return node.stats()[key]
 
 
+def a_heard_at_b(backbones, url, first):
+    """Backbones a and b on `url`, connected, and a's message `first` heard at
+    b: (a, b, b's stand-in)."""
+    a, _ = backbones(url)
+    b, b_room = backbones(url)
+    connected(a, b)
+    a.publish(40001, [first])
+    wait_until(lambda: b_room.count == 1)
+    return a, b, b_room
+
+
 def test_delivery_is_exact_batched_and_never_echoed(redis_server, backbones):
     a, a_room = backbones(redis_server.url(), node_port=1)
     b, b_room = backbones(redis_server.url(), node_port=2)
@@ -120,11 +131,7 @@ def test_delivery_is_exact_batched_and_never_echoed(redis_server, backbones):
 
 
 def test_a_resent_entry_is_dropped_as_a_duplicate(redis_server, backbones):
-    a, _ = backbones(redis_server.url())
-    b, b_room = backbones(redis_server.url())
-    connected(a, b)
-    a.publish(40001, ["once"])
-    wait_until(lambda: b_room.count == 1)
+    a, b, b_room = a_heard_at_b(backbones, redis_server.url(), "once")
     direct = redis.Redis(port=redis_server.port)
     (_, fields), = [entry for entry in direct.xrange("chat:room") if entry[1].get(b"f")]
     direct.xadd("chat:room", fields)  # what redis-py's retry of a lost reply does
@@ -185,11 +192,7 @@ def test_redis_killed_and_restarted_on_its_aof_loses_nothing(redis_server, backb
 
 def test_redis_restarted_empty_with_nothing_lost_recovers_by_sequence(redis_server, backbones, caplog):
     caplog.set_level(logging.INFO, logger="mychatserver.backbone")
-    a, _ = backbones(redis_server.url())
-    b, b_room = backbones(redis_server.url())
-    connected(a, b)
-    a.publish(40001, ["before"])
-    wait_until(lambda: b_room.count == 1)
+    a, b, b_room = a_heard_at_b(backbones, redis_server.url(), "before")
     wait_until(lambda: stat(a, "outbox_bytes") == 0)
     redis_server.kill(signal.SIGKILL)
     redis_server.start(wipe=True)

@@ -15,11 +15,11 @@ import pytest
 import redis
 
 from cluster import backbone as backbone_module
-from cluster.backbone import ENTRY_MAX_BYTES, ENTRY_MAX_MESSAGES, STREAM_MEMORY_BOUND, start_backbone
+from cluster.backbone import ENTRY_MAX_BYTES, ENTRY_MAX_MESSAGES, STREAM_MEMORY_BOUND
 from cluster.local import RedisServer, start_nodes
 from cluster.validate import JumpGuard, Rejected, Rescue, check_entry
 from conftest import Peer, wait_until
-from test_cluster_backbone import StandIn, connected, frames, stat
+from test_cluster_backbone import a_heard_at_b, backbones, connected, frames, stat  # noqa: F401 - backbones: a fixture
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -107,29 +107,10 @@ def redis_server():
         yield server
 
 
-@pytest.fixture
-def backbones():
-    made = []
-
-    def start(url):
-        stand_in = StandIn()
-        backbone = start_backbone(stand_in, url)
-        made.append(backbone)
-        return backbone, stand_in
-
-    yield start
-    for backbone in made:
-        backbone.stop()
-
-
 def test_forged_entries_are_rejected_logged_counted_and_the_real_node_goes_on(redis_server, backbones,
                                                                               caplog):
     caplog.set_level(logging.INFO, logger="mychatserver.backbone")
-    a, _ = backbones(redis_server.url())
-    b, b_room = backbones(redis_server.url())
-    connected(a, b)
-    a.publish(40001, ["one"])
-    wait_until(lambda: b_room.count == 1)
+    a, b, b_room = a_heard_at_b(backbones, redis_server.url(), "one")
     direct = redis.Redis(port=redis_server.port)
     live = a.node_id.decode()
     now = time.time()
@@ -172,11 +153,7 @@ def test_a_forgery_that_passes_every_check_still_cannot_stop_the_real_traffic(re
     delivered: the real entry with the forged number as a conflict, the
     entries the jump skipped as late ones."""
     caplog.set_level(logging.INFO, logger="mychatserver.backbone")
-    a, _ = backbones(redis_server.url())
-    b, b_room = backbones(redis_server.url())
-    connected(a, b)
-    a.publish(40001, ["m1"])
-    wait_until(lambda: b_room.count == 1)
+    a, b, b_room = a_heard_at_b(backbones, redis_server.url(), "m1")
     wait_until(lambda: stat(a, "outbox_bytes") == 0)
     direct = redis.Redis(port=redis_server.port)
     live = a.node_id.decode()
