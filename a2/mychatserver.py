@@ -118,6 +118,17 @@ SOCKET_SEND_BUFFER = 64 * 1024
 SENDER_QUEUE_LIMIT = 64
 FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 
+# A round that starts from idle first waits this long per client in the room,
+# at most COALESCE_MAX, and then takes the whole queue. Messages come in
+# bursts (several clients answer the same line; a load driver's tick), and the
+# rest of a burst reaches the queue only as each reader gets the GIL in turn:
+# without the wait the first message of a burst gets a round of its own, one
+# send() to every client, and the rest another. A round costs a few
+# microseconds per client, so the wait is about one round's cost: it buys
+# most in a large room, and adds to latency at most COALESCE_MAX. A busy
+# Sender never waits: its next round takes what queued during this one.
+COALESCE_PER_CLIENT = 0.00001  # seconds
+COALESCE_MAX = 0.005
 
 # Departed clients' sockets the Sender closes per round (see _close_some).
 CLOSES_PER_ROUND = 64
@@ -526,13 +537,18 @@ class Sender:
                         self._room_for_more.notify_all()
                 # Sockets that refused data and now accept it; when there is no
                 # work, wait here for either.
+                woken = False
                 for key, _ in self._selector.select(0 if busy else None):
                     if key.data is None:
                         self._drain_wake_ups()
+                        woken = True
                     else:
                         reason = self._send_outbox(key.data)
                         if reason is not None:
                             self._drop(key.data, reason)
+                if woken and not busy:
+                    # Woken from idle: let the rest of the burst queue first.
+                    time.sleep(min(COALESCE_MAX, COALESCE_PER_CLIENT * len(self._room)))
                 if batch and not self._handle(batch):
                     return
                 self._close_some()
