@@ -1220,10 +1220,6 @@ HOT_READER_PAUSE = 0.0001
 # it pays only with HOT_READER_PAUSE (p99 1.2 ms), which hands the GIL on.
 SWITCH_INTERVAL = 0.1
 
-# Readers run this much "nicer" than the accept loop and the Sender (see
-# _lower_priority); 0 turns it off.
-READER_NICENESS = 5
-
 # A reader thread whose client has left waits this long, times 1 to 2 at
 # random, for a newcomer to serve, then ends (see Readers): ending a thread
 # costs far more than waking one (the kernel unmaps its stack), and when
@@ -1246,16 +1242,6 @@ def apply_process_settings():
     and by the tests' in-process servers, so both run the same relay."""
     threading.stack_size(THREAD_STACK_SIZE)
     sys.setswitchinterval(SWITCH_INTERVAL)
-
-
-def _lower_priority():
-    """Give the calling thread (a reader) a lower scheduling priority than the
-    accept loop and the Sender, so that when thousands of readers wake at once
-    the kernel wakes those two first when the GIL is handed on."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
-    except (AttributeError, OSError):
-        pass  # not Linux, or not allowed: only the tie-break is lost
 
 
 class Readers:
@@ -1301,7 +1287,6 @@ class Readers:
             reader.hand(None)
 
     def _run(self, client):
-        _lower_priority()
         reader = _WaitingReader()
         while client is not None:
             client.read_until_gone()
