@@ -118,6 +118,17 @@ SOCKET_SEND_BUFFER = 64 * 1024
 SENDER_QUEUE_LIMIT = 64
 FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 
+# A round that starts from idle first waits this long per client in the room,
+# at most COALESCE_MAX, and then takes the whole queue. Messages come in
+# bursts (several clients answer the same line; a load driver's tick), and the
+# rest of a burst reaches the queue only as each reader gets the GIL in turn:
+# without the wait the first message of a burst gets a round of its own, one
+# send() to every client, and the rest another. A round costs a few
+# microseconds per client, so the wait is about one round's cost: it buys
+# most in a large room, and adds to latency at most COALESCE_MAX. A busy
+# Sender never waits: its next round takes what queued during this one.
+COALESCE_PER_CLIENT = 0.00001  # seconds
+COALESCE_MAX = 0.005
 
 # A slow client's outbox holds references to rounds' payloads (shared by
 # every client they wait for); when it drains, they are joined up to this many
@@ -387,6 +398,22 @@ def send_frames(sock, data, flags=0):
     return pos
 
 
+def cut_frames(data):
+    """`data` (whole frames) as the pieces send_frames() sends when every
+    send() takes all it is given: at most 1024 bytes each, cut after a newline."""
+    if len(data) <= BUFSIZE:
+        return [data]
+    pieces = []
+    pos, size = 0, len(data)
+    while pos < size:
+        end = pos + BUFSIZE
+        if end < size:
+            end = data.rfind(b"\n", pos, end) + 1 or end
+        pieces.append(data[pos:end])
+        pos = end
+    return pieces
+
+
 # --- A client's reader: the only caller of recv() on its socket ----------------------------
 
 def _input_waiting(sock):
@@ -642,13 +669,18 @@ class Sender:
                         self._room_for_more.notify_all()
                 # Sockets that refused data and now accept it; when there is no
                 # work, wait here for either.
+                woken = False
                 for key, _ in self._selector.select(0 if busy else None):
                     if key.data is None:
                         self._drain_wake_ups()
+                        woken = True
                     else:
                         reason = self._send_outbox(key.data)
                         if reason is not None:
                             self._drop(key.data, reason)
+                if woken and not busy:
+                    # Woken from idle: let the rest of the burst queue first.
+                    time.sleep(min(COALESCE_MAX, COALESCE_PER_CLIENT * len(self._room)))
                 if batch and not self._handle(batch):
                     return
                 self._close_some()
@@ -693,7 +725,7 @@ class Sender:
                 self._fan_out(run)
                 run = []
             if kind == "join":
-                self._room[item[1]] = None
+                self._room[item[1]] = item[1].sock.send  # what _fan_out() calls
             elif kind == "depart":
                 client = item[1]
                 self._room.pop(client, None)
@@ -736,17 +768,40 @@ class Sender:
         """Give every client in the room its share of a run of relays."""
         senders = {item[2] for item in run}
         everything = b"".join([item[1] for item in run])
+        size = len(everything)
+        pieces = cut_frames(everything)  # once per round, not once per client
+        dontwait = socket.MSG_DONTWAIT
+        whole = 0  # clients that took all of `everything` at once
         failed = []  # (client, reason): dropped after the loop, which walks the room
-        for client in self._room:
+        for client, send in self._room.items():
             if client in senders:  # never echo: leave out its own messages
                 data = b"".join([item[1] for item in run if item[2] is not client])
-                if not data:
-                    continue
+                reason = self._send(client, data) if data else None
+            elif client.outbox:  # bytes wait for it already: these go behind them
+                reason = self._send(client, everything)
             else:
-                data = everything
-            reason = self._send(client, data)
+                # The common case, kept to the send() calls themselves: a room of
+                # thousands runs this loop per round.
+                sent = 0
+                try:
+                    for piece in pieces:
+                        done = send(piece, dontwait)
+                        sent += done
+                        if done < len(piece):
+                            break
+                except BlockingIOError:
+                    pass
+                except OSError as exc:
+                    failed.append((client, self._send_failed(client, exc)))
+                    continue
+                if sent == size:
+                    whole += 1
+                    continue
+                self.sent_bytes += sent  # its socket is full: the rest waits in its outbox
+                reason = self._send(client, everything[sent:])
             if reason is not None:
                 failed.append((client, reason))
+        self.sent_bytes += whole * size
         now = time.perf_counter()
         room = self._room
         for _, _, origin, count, arrived in run:
@@ -1500,10 +1555,6 @@ HOT_READER_PAUSE = 0.0001
 # it pays only with HOT_READER_PAUSE (p99 1.2 ms), which hands the GIL on.
 SWITCH_INTERVAL = 0.1
 
-# Readers run this much "nicer" than the accept loop and the Sender (see
-# _lower_priority); 0 turns it off.
-READER_NICENESS = 5
-
 # A reader thread whose client has left waits this long, times 1 to 2 at
 # random, for a newcomer to serve, then ends (see Readers): ending a thread
 # costs far more than waking one (the kernel unmaps its stack), and when
@@ -1553,16 +1604,6 @@ def release_memory():
         _malloc_trim(0)
 
 
-def _lower_priority():
-    """Give the calling thread (a reader) a lower scheduling priority than the
-    accept loop and the Sender, so that when thousands of readers wake at once
-    the kernel wakes those two first when the GIL is handed on."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), READER_NICENESS)
-    except (AttributeError, OSError):
-        pass  # not Linux, or not allowed: only the tie-break is lost
-
-
 class Readers:
     """The reader threads. One serves one client at a time, from its arrival
     to its departure; then it waits up to READER_LINGER (x 1-2) for the next
@@ -1606,7 +1647,6 @@ class Readers:
             reader.hand(None)
 
     def _run(self, client):
-        _lower_priority()
         reader = _WaitingReader()
         while client is not None:
             client.read_until_gone()

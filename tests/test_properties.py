@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from a2 import mychatclient
 from a2.mychatserver import (BUFSIZE, MAX_MESSAGE_CHARS, MAX_PAYLOAD_BYTES, MessageFramer,
-                             frame, send_frames, split_utf8)
+                             cut_frames, frame, send_frames, split_utf8)
 
 PROPERTY_SETTINGS = settings(max_examples=400, deadline=None,
                              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -242,6 +242,7 @@ def test_send_frames_preserves_bytes_and_never_splits_a_frame(frames):
     assert b"".join(sends) == data
     assert all(len(chunk) <= BUFSIZE for chunk in sends)
     assert all(chunk.endswith(b"\n") for chunk in sends)  # runs of whole frames
+    assert cut_frames(data) == (sends or [b""])  # the Sender's fan-out sends these pieces
 
 
 @PROPERTY_SETTINGS
