@@ -114,7 +114,7 @@ SOCKET_SEND_BUFFER = 64 * 1024
 # pauses until the Sender takes them (it takes all at once), at most
 # FLOW_CONTROL_WAIT; then it queues
 # anyway. The Sender never blocks on a socket, so the wait is bounded by its
-# CPU time alone, whatever any client does. Tuned in loadtest/BENCHMARK.md.
+# CPU time alone, whatever any client does. Tuned in bench/BENCHMARK.md.
 SENDER_QUEUE_LIMIT = 64
 FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 
@@ -1609,7 +1609,7 @@ class Readers:
     to its departure; then it waits up to READER_LINGER (x 1-2) for the next
     newcomer and ends if none comes. So when thousands leave at once they do
     not also end thousands of threads at once (the newcomer who arrives then
-    would wait for those exits: loadtest/BENCHMARK.md, "Mass departure"), and
+    would wait for those exits: bench/BENCHMARK.md, "Mass departure"), and
     churn does not start a thread per connection. At rest: one thread per
     connected client.
 
