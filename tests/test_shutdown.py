@@ -209,12 +209,13 @@ def test_sigint_at_any_moment_of_startup_never_shows_our_traceback():
         try:
             out, err = proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:
-            # Python's own start-up caught the KeyboardInterrupt, printed it
-            # and went on (e.g. "Failed checking if argv[0] is an import path
-            # entry"): the signal never reached the script. A second one does.
+            # Python's own start-up caught the KeyboardInterrupt and went on,
+            # printing it (e.g. "Failed checking if argv[0] is an import path
+            # entry") or not (seen once at delay 0: nothing at all): the signal
+            # never reached the script. A second one does, and it exits 0.
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=5)
-            assert b"Traceback" in err and proc.returncode == 0, (delay, proc.returncode, err)
+            assert proc.returncode == 0, (delay, proc.returncode, err)
         assert not ours.search(err.decode()), (delay, err.decode())
         if proc.returncode != 0:  # Python's own: killed by the signal, or its KeyboardInterrupt
             assert proc.returncode in (-signal.SIGINT, 1), (delay, proc.returncode, err)
