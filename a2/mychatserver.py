@@ -1561,7 +1561,11 @@ SWITCH_INTERVAL = 0.1
 # thousands end at once that cost falls on whoever arrives then.
 READER_LINGER = 1.0
 
-# Our threads recurse little; 10,000 of them must fit in memory.
+# Our threads recurse little; 10,000 of them must fit in the address space.
+# Resident memory is the same either way (only touched pages count); with
+# Linux's default 8 MiB stacks, 10,000 readers reserve 79 GiB, and under an
+# 8 GiB limit (ulimit -v, a container) only 896 clients could be served,
+# against all 10,000 with this (BENCHMARK.md, "Thread stack size").
 THREAD_STACK_SIZE = 256 * 1024
 
 # Log lines waiting for the log writer thread. When stdout or stderr stalls
