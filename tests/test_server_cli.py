@@ -138,7 +138,7 @@ def _unread_server(*args):
 
 @pytest.mark.timeout(60)
 def test_a_stalled_log_output_does_not_freeze_the_room():
-    proc, address = _unread_server()
+    proc, address = _unread_server("--max-rate", "0")  # a sends 400 lines at once
     try:
         # b is accepted, so joins the room, before a: it hears all of a's messages.
         b = Peer(address)
