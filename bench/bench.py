@@ -1002,7 +1002,8 @@ def parse_args(argv=None):
                       help="directory holding c_relay.c and chatbench.c, outside the repository "
                            "(default: <repository root>/../shared/bench-anchors)")
     yard.add_argument("--yard-seconds", type=float, metavar="S",
-                      help="seconds of load per yardstick step (default: 3; --smoke: 1)")
+                      help="seconds of load per yardstick step; steps below 100 msg/s run twice as long "
+                           "(default: 3; --smoke: 1)")
     yard.add_argument("--yard-rows", type=lambda t: [x for x in t.split(",") if x], metavar="ROW,...",
                       help=f"yardstick rows to run, of {', '.join(yardstick.ROWS)} (default: all; --smoke: "
                            "ladder, light, huge-room at 100 clients, overload)")

@@ -49,6 +49,7 @@ import relays
 FAIL_P99_MS = 50.0
 ROWS = ("ladder", "light", "big-room", "huge-room", "overload", "limits")
 LIMITS_OFF = ["--max-rate", "0", "--max-per-host", "0", "--max-connect-rate", "0"]
+LOW_RATE = 100  # msg/s; steps offering less run 2 x --yard-seconds
 LADDER = [1000, 2000, 3000, 5000, 10000, 15000, 20000, 25000, 30000, 35000, 40000]
 
 SETTINGS = {
@@ -136,7 +137,9 @@ class Yardstick:
         """One chatbench run against a fresh `name` relay; the step's figures."""
         cfg = self.cfg
         senders = senders or cfg["senders"]
-        seconds = seconds or cfg["seconds"]
+        # Below LOW_RATE msg/s a step runs twice as long: the relay's CPU is
+        # counted in 10 ms ticks, and a few messages a second make few of them.
+        seconds = seconds or cfg["seconds"] * (2 if rate < LOW_RATE else 1)
         drain = cfg["drain"] if drain is None else drain
         settle = 0.5 + clients / 2000  # the relay must have admitted everyone before the first message
         relay = self.relays[name].start()
@@ -333,15 +336,15 @@ def heading(text):
     print(HEADER, flush=True)
 
 
-HEADER = (f"{'row':<10}{'relay':<15}{'clients':>8}{'offered/s':>10}{'deliv/s':>11}{'loss':>8}{'unattr':>7}"
+HEADER = (f"{'row':<10}{'relay':<15}{'clients':>8}{'offered/s':>10}{'deliv/s':>12}{'loss':>11}{'unattr':>11}"
           f"{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'cpu s':>7}{'us/deliv':>9}{'rss MiB':>8}{'closed':>7}"
           f"{'drops':>6}  ok")
 
 
 def step_line(s):
     lat, drops = s["latency_ms"], s["project_drops"]
-    return (f"{s['row']:<10}{s['relay']:<15}{s['clients']:>8,}{s['offered_rate']:>10,}{s['deliveries_per_s']:>11,.0f}"
-            f"{s['loss']:>8,}{s['unattributed']:>7,}{fmt(lat['p50'], '{:.1f}'):>8}{fmt(lat['p99'], '{:.1f}'):>8}"
+    return (f"{s['row']:<10}{s['relay']:<15}{s['clients']:>8,}{s['offered_rate']:>10,}{s['deliveries_per_s']:>12,.0f}"
+            f"{s['loss']:>11,}{s['unattributed']:>11,}{fmt(lat['p50'], '{:.1f}'):>8}{fmt(lat['p99'], '{:.1f}'):>8}"
             f"{fmt(lat['max'], '{:.0f}'):>8}{s['relay_cpu_s']:>7.2f}{fmt(s['relay_cpu_us_per_delivery']):>9}"
             f"{fmt(s['relay_peak_rss_kib'] and s['relay_peak_rss_kib'] / 1024, '{:.1f}'):>8}"
             f"{s['closed_by_relay']:>7,}{(sum(drops.values()) if drops else '-'):>6}  "
