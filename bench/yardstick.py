@@ -211,7 +211,8 @@ class Yardstick:
                "project_vs_c": ratio(capacity["project"], capacity["c"]) if bound else None}
         print("capacity (last clean step): " + ", ".join(
             f"{k} {'>= ' if k in climbing else ''}{v:,} msg/s" for k, v in capacity.items())
-            + f"; project / c = {fmt(out['project_vs_c'], '{:.2f}x')} ({out['project_vs_c_is']})", flush=True)
+            + (f"; project / c = {fmt(out['project_vs_c'], '{:.2f}x')} ({bound})" if bound
+               else "; project / c: neither failed, no ratio (extend --yard-ladder)"), flush=True)
         return out
 
     def light(self):
@@ -379,14 +380,18 @@ def run_yardstick(run):
         for row in ROWS:
             if row not in cfg["rows"]:
                 continue
-            if row == "ladder":
-                out["ladder"] = ladder = yard.ladder()
-            elif row == "overload":
-                out["overload"] = yard.overload(ladder)
-            elif row == "limits":
-                out["limits"] = yard.limits(ladder)
-            else:
-                out[row] = {"light": yard.light, "big-room": yard.big_room, "huge-room": yard.huge_room}[row]()
+            try:
+                if row == "ladder":
+                    out["ladder"] = ladder = yard.ladder()
+                elif row == "overload":
+                    out["overload"] = yard.overload(ladder)
+                elif row == "limits":
+                    out["limits"] = yard.limits(ladder)
+                else:
+                    out[row] = {"light": yard.light, "big-room": yard.big_room, "huge-room": yard.huge_room}[row]()
+            except Exception as exc:  # noqa: BLE001 - report what this machine could not do, and go on
+                out[row] = {"error": str(exc)}
+                print(f"yardstick {row}: FAILED: {exc}", flush=True)
     finally:
         out["steps"] = yard.steps
         out["elapsed_s"] = round(time.monotonic() - started, 1)
