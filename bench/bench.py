@@ -34,7 +34,10 @@ threads, RSS per client, one broadcast reaching all), overload (1.5 x the
 project's capacity: is anything lost, is any reading client dropped, what
 happens to latency), a slow reader, mass departure (thousands leave at once:
 how long a newcomer's first message waits) and SIGTERM with thousands
-connected (how long the relay takes to exit). Output: a table on stdout, a JSON
+connected (how long the relay takes to exit); and, only when asked for
+(--only yardstick: it needs C instruments from outside the repository), the
+C yardstick (bench/yardstick.py: the project and the class demo against a C
+relay, all driven by a C driver). Output: a table on stdout, a JSON
 file and a PNG plot in out/ (git-ignored) or --out DIR; the committed
 bench/results/ files change only when --out points there.
 See bench/BENCHMARK.md.
@@ -64,6 +67,7 @@ sys.path.insert(0, str(HERE))  # run from anywhere: python bench/bench.py
 
 import driver  # noqa: E402 - after the path fix (the worker processes import it too)
 import relays  # noqa: E402
+import yardstick  # noqa: E402
 
 CAPACITY_P99_MS = 50.0
 OVERLOAD_FACTOR = 1.5      # the overload step offers this times the project's capacity
@@ -943,7 +947,10 @@ def run_slow_reader(run):
 # (--only name, scenario) in the order they run; overload needs the sweep's capacity
 SCENARIOS = [("calibration", run_calibration), ("sweep", run_sweep), ("sweep", run_metrics_cost),
              ("scale", run_scale), ("overload", run_overload), ("slow", run_slow_reader),
-             ("departure", run_departure), ("sigterm", run_sigterm)]
+             ("departure", run_departure), ("sigterm", run_sigterm), ("yardstick", yardstick.run_yardstick)]
+# A run without --only: every scenario but the yardstick, which needs the C
+# instruments from outside the repository (--anchors) and its own minutes.
+DEFAULT_SCENARIOS = sorted({name for name, _ in SCENARIOS} - {"yardstick"})
 
 
 # --- main ------------------------------------------------------------------------
@@ -983,7 +990,26 @@ def parse_args(argv=None):
     parser.add_argument("--driver-procs", type=int, default=2,
                         help="driver worker processes (default: %(default)s)")
     parser.add_argument("--only", choices=sorted({name for name, _ in SCENARIOS}), action="append",
-                        help="run only these scenarios (repeatable)")
+                        help="run only these scenarios (repeatable; default: all but yardstick, which "
+                             "runs only when named)")
+    yard = parser.add_argument_group(
+        "the C yardstick (--only yardstick, bench/yardstick.py)",
+        "naive (bench/baseline_relay.py), project (limits off) and a C relay, each step on a fresh "
+        "relay, interleaved, all driven by chatbench (C); both C programs are compiled with cc -O2 into "
+        "the run's temporary directory. Without them (or cc) the scenario prints one skip line and the "
+        "run exits 0. Default about 6 minutes; with --smoke, seconds.")
+    yard.add_argument("--anchors", type=Path, default=relays.DEFAULT_ANCHORS, metavar="DIR",
+                      help="directory holding c_relay.c and chatbench.c, outside the repository "
+                           "(default: <repository root>/../shared/bench-anchors)")
+    yard.add_argument("--yard-seconds", type=float, metavar="S",
+                      help="seconds of load per yardstick step; steps below 100 msg/s run twice as long "
+                           "(default: 3; --smoke: 1)")
+    yard.add_argument("--yard-rows", type=lambda t: [x for x in t.split(",") if x], metavar="ROW,...",
+                      help=f"yardstick rows to run, of {', '.join(yardstick.ROWS)} (default: all; --smoke: "
+                           "ladder, light, huge-room at 100 clients, overload)")
+    yard.add_argument("--yard-ladder", type=lambda t: [int(x) for x in t.split(",")], metavar="RATES",
+                      help="comma-separated total offered msg/s of the capacity ladder (default: "
+                           + ",".join(map(str, yardstick.LADDER)) + ")")
     parser.add_argument("--relays", default="project,previous,baseline",
                         help="comma-separated relays to compare, of project, previous, baseline "
                              "(default: %(default)s)")
@@ -1010,7 +1036,12 @@ def parse_args(argv=None):
     if unknown or not args.relay_list:
         parser.error(f"--relays: unknown relay {', '.join(unknown) or '(none)'}; choose from {', '.join(ORDER)}")
     args.relay_list = [k for k in ORDER if k in args.relay_list]  # one order in every table
-    args.only = args.only or sorted({name for name, _ in SCENARIOS})
+    args.only = args.only or DEFAULT_SCENARIOS
+    unknown = [row for row in args.yard_rows or [] if row not in yardstick.ROWS]
+    if unknown:
+        parser.error(f"--yard-rows: unknown row {', '.join(unknown)}; choose from {', '.join(yardstick.ROWS)}")
+    if args.yard_seconds is not None and not 0.2 <= args.yard_seconds <= 60:
+        parser.error("--yard-seconds must be 0.2-60 (a bounded benchmark)")
     for option in ("departure_clients", "sigterm_clients"):
         value = getattr(args, option)
         if value is not None and not 1 <= value <= MAX_CLIENTS_PER_STEP:
@@ -1047,8 +1078,9 @@ def main(argv=None):
         return 0
     relays.raise_nofile()
     started = time.monotonic()
+    driven = [name for name in args.only if name != "yardstick"]  # scenarios that need the Python driver
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir:
-        for name in (*args.relay_list, "reference"):
+        for name in (*args.relay_list, "reference") if driven else ():
             try:
                 made = under_test[name].prepare(workdir)
             except RuntimeError as exc:
@@ -1060,18 +1092,23 @@ def main(argv=None):
         if busy > 0.15:
             print(f"WARNING: {busy:.0%} of this machine's CPU was busy before the run started; "
                   "the figures below measure that load too", flush=True)
-        run = Run(args, cfg, Pool(args.driver_procs), under_test)
+        run = Run(args, cfg, Pool(args.driver_procs) if driven else None, under_test)
+        run.workdir, run.yard_cfg = workdir, yardstick.settings(args)
         run.result["meta"]["cpu_busy_before_run"] = busy
         try:
-            print(f"chat relay benchmark, mode {args.mode}: relays {', '.join(run.relays)}"
-                  + (f" (previous = {args.previous_rev})" if "previous" in run.relays else "")
-                  + f"; {cfg['clients']} clients, {cfg['senders']} senders, {cfg['duration']:g} s per step, "
-                    f"{args.driver_procs} driver processes, loopback", flush=True)
+            if driven:
+                print(f"chat relay benchmark, mode {args.mode}: relays {', '.join(run.relays)}"
+                      + (f" (previous = {args.previous_rev})" if "previous" in run.relays else "")
+                      + f"; {cfg['clients']} clients, {cfg['senders']} senders, {cfg['duration']:g} s per step, "
+                        f"{args.driver_procs} driver processes, loopback", flush=True)
+            else:
+                print(f"chat relay benchmark, mode {args.mode}: the C yardstick only", flush=True)
             for name, scenario in SCENARIOS:
                 if name in args.only:
                     scenario(run)
         finally:
-            run.pool.close()
+            if run.pool:
+                run.pool.close()
     write_outputs(run, json_path, None if args.no_plot else png_path, started)
     return 0
 
@@ -1082,6 +1119,8 @@ def print_plan(args, cfg, under_test, json_path, png_path):
         print(f"relay {name}: {under_test[name].about}")
     print("scenarios: " + ", ".join(name for name in dict(SCENARIOS) if name in args.only))
     print("settings: " + json.dumps(cfg))
+    if "yardstick" in args.only:
+        print(f"yardstick: anchors {args.anchors}; settings " + json.dumps(yardstick.settings(args)))
     print(f"JSON: {json_path}" + (f"\nplot: {png_path}" if png_path else ""))
 
 

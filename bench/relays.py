@@ -5,6 +5,8 @@ each is prepared once per run and started, fresh, for every step.
     previous   a2/mychatserver.py and metrics/ as they were at --previous-commit
     baseline   bench/baseline_relay.py: the class demo, the shape most classmates submit
     reference  bench/reference_relay.py: the driver's calibration, never compared
+    c          c_relay.c from --anchors, compiled with cc: the yardstick scenario's
+               C relay (bench/yardstick.py), never in the default comparison
 
 An entry knows three things: what it is (one line, printed with the
 results), whether it serves /metrics (`--metrics-port 0`), and the command
@@ -12,15 +14,20 @@ that starts it on a free loopback port (it prints `Server listening on
 HOST:PORT`, as every relay of this project does). One that must be made
 first (extracted from git, or compiled) does so in prepare(), into the run's
 temporary directory. A relay written in another language is one more
-entry: a subclass whose prepare() builds it and whose command() runs it.
+entry: a subclass whose prepare() builds it and whose command() runs it
+(CRelay: it prints nothing when it listens, so its readiness is a connect
+that succeeds).
 """
 
 import io
 import re
 import resource
+import shutil
+import socket
 import subprocess
 import sys
 import tarfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -31,6 +38,7 @@ if str(ROOT) not in sys.path:
 
 from relayproc import SERVER_SCRIPT, RelayProcess  # noqa: E402 - after the path fix
 
+DEFAULT_ANCHORS = ROOT.parent / "shared" / "bench-anchors"  # the C instruments, outside the repository
 PREVIOUS_COMMIT = "a25aa6b"  # the last commit before relay core v2 (one Sender thread)
 
 
@@ -44,6 +52,7 @@ class Relay:
         self.args = list(args)
         self.metrics = metrics  # takes --metrics-port 0 and prints "Metrics on URL"
         self.compared = compared  # False: an instrument, not in the comparison
+        self.announces = True     # prints `Server listening on HOST:PORT` once it listens
 
     def prepare(self, workdir):
         """Make what this relay needs in `workdir` (a directory that lives as
@@ -88,7 +97,72 @@ class PreviousDesign(Relay):
         return rev or self.commit
 
 
-def registry(project_script=SERVER_SCRIPT, previous_commit=PREVIOUS_COMMIT):
+def compile_c(source, workdir, name):
+    """`cc -O2 -o WORKDIR/NAME SOURCE`; the binary's path. RuntimeError, one
+    line, when the source or cc is missing or the build fails."""
+    source = Path(source)
+    if not source.is_file():
+        raise RuntimeError(f"no {source.name} at {source.parent}")
+    cc = shutil.which("cc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc) on PATH")
+    binary = Path(workdir) / name
+    done = subprocess.run([cc, "-O2", "-o", str(binary), str(source)], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["cc failed"])[-1]
+        raise RuntimeError(f"cc could not build {source.name}: {reason}")
+    return binary
+
+
+def free_port():
+    """A loopback port free right now (for a relay that cannot take --port 0)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class CRelay(Relay):
+    """The C yardstick, c_relay.c, compiled from `anchors` (outside the
+    repository; never copied into it). It takes only a port, and prints
+    nothing when it listens: started on a port found free, ready when a
+    connect succeeds (the probe connection just leaves again)."""
+
+    def __init__(self, anchors):
+        super().__init__("c", "c_relay.c: one epoll thread in C, no limits (the yardstick)", None,
+                         compared=False)
+        self.source = Path(anchors) / "c_relay.c"
+        self.announces = False
+        self.port = None
+
+    def prepare(self, workdir):
+        self.script = compile_c(self.source, workdir, "c_relay")
+        return str(self.script)
+
+    def command(self):
+        if self.script is None:
+            raise RuntimeError(f"the {self.name} relay was not prepared")
+        self.port = free_port()
+        return [str(self.script), str(self.port)]
+
+
+def wait_accepting(relay, address, timeout=10.0):
+    """Poll-connect to `address` until the relay process `relay` accepts
+    (return `address`); RuntimeError if it exits or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=1).close()
+            return address
+        except OSError:
+            if not relay.running() or time.monotonic() > deadline:
+                relay.kill()
+                raise RuntimeError(f"{relay.name()} did not start accepting on {address}: "
+                                   f"{relay.tail()}") from None
+            time.sleep(0.01)
+
+
+def registry(project_script=SERVER_SCRIPT, previous_commit=PREVIOUS_COMMIT, anchors=None):
     """Every relay under test by name, the compared ones in table order."""
     relays = [
         # Flood control off: each of the benchmark's senders sends thousands a second.
@@ -99,6 +173,7 @@ def registry(project_script=SERVER_SCRIPT, previous_commit=PREVIOUS_COMMIT):
                           "relaying each recv(1024) under the list lock", HERE / "baseline_relay.py"),
         Relay("reference", "bench/reference_relay.py: one epoll thread, C-speed per byte "
                            "(calibrates the driver)", HERE / "reference_relay.py", compared=False),
+        CRelay(anchors or DEFAULT_ANCHORS),
     ]
     return {relay.name: relay for relay in relays}
 
@@ -119,7 +194,9 @@ class RunningRelay(RelayProcess):
 
     def __init__(self, relay, metrics=False):
         command = relay.command() + (["--metrics-port", "0"] if metrics else [])
-        super().__init__(command, preexec_fn=raise_nofile, timeout=20)
+        super().__init__(command, preexec_fn=raise_nofile, timeout=20, wait=relay.announces)
+        if not relay.announces:
+            self.address = wait_accepting(self, ("127.0.0.1", relay.port))
         self.kind = relay.name
         self.metrics_url = None
         if metrics:

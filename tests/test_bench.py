@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,53 @@ def test_the_departure_scenario_refuses_unbounded_runs():
     done = run_bench("--departure-clients", "100000")
     assert done.returncode == 2 and "--departure-clients must be 1-20000" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# --- the C yardstick (--only yardstick): instruments from outside the repository ----
+
+ANCHORS = ROOT.parent / "shared" / "bench-anchors"  # c_relay.c and chatbench.c, never copied in here
+
+
+def test_help_names_the_yardstick_options():
+    done = run_bench("--help")
+    for option in ("yardstick", "--anchors", "--yard-seconds", "--yard-rows", "--yard-ladder"):
+        assert option in done.stdout
+
+
+def test_the_yardstick_without_its_instruments_is_one_skip_line(tmp_path):
+    done = run_bench("--smoke", "--only", "yardstick", "--anchors", "/nonexistent", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    skips = [line for line in done.stdout.splitlines() if line.startswith("yardstick: skipped: ")]
+    assert skips == ["yardstick: skipped: no C instruments at /nonexistent (no such directory; --anchors DIR)"]
+    assert json.loads((tmp_path / "bench-smoke.json").read_text())["yardstick"]["skipped"]
+
+
+def test_the_yardstick_is_not_in_the_default_run():
+    done = run_bench("--smoke", "--dry-run")
+    scenarios = next(line for line in done.stdout.splitlines() if line.startswith("scenarios: "))
+    assert "yardstick" not in scenarios and "sweep" in scenarios
+
+
+def test_a_smoke_yardstick_measures_naive_project_and_c(tmp_path):
+    if not (ANCHORS / "c_relay.c").is_file() or not (ANCHORS / "chatbench.c").is_file():
+        pytest.skip(f"no C instruments at {ANCHORS}")
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler (cc)")
+    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--only", "yardstick", "--anchors", str(ANCHORS),
+                           "--yard-rows", "ladder,light", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    yard = json.loads((tmp_path / "bench-smoke.json").read_text())["yardstick"]
+    assert yard["skipped"] is None and f"command: {yard['command']}" in done.stdout
+    assert "--only yardstick" in yard["command"]
+    for row in ("ladder", "light"):
+        steps = {s["relay"]: s for s in yard["steps"] if s["row"] == row}
+        assert set(steps) == {"naive", "project", "c"}, row
+        for step in steps.values():
+            assert step["delivered"] > 0 and step["deliveries_per_s"] > 0
+            assert step["relay_cpu_s"] >= 0 and step["relay_peak_rss_kib"] > 0
+            assert step["expected"] == step["sent"] * (step["clients"] - 1)
+        assert steps["project"]["project_drops"] == {"slow_consumer": 0, "memory_budget": 0}
+    assert set(yard["ladder"]["capacity"]) == {"naive", "project", "c"}
+    assert set(yard["light"]) == {"naive", "project", "c"}
