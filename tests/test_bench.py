@@ -269,7 +269,8 @@ def test_a_smoke_yardstick_measures_naive_project_and_c(tmp_path):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler (cc)")
     done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--only", "yardstick", "--anchors", str(ANCHORS),
-                           "--yard-rows", "ladder,light", "--out", str(tmp_path)],
+                           "--yard-rows", "ladder,light", "--yard-ladder", "1000", "--yard-seconds", "0.5",
+                           "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=90, stdin=subprocess.DEVNULL, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     yard = json.loads((tmp_path / "bench-smoke.json").read_text())["yardstick"]
