@@ -82,7 +82,7 @@ MODES = {
     "smoke": {"rates": [500, 2000], "duration": 0.5, "clients": 20, "senders": 4, "calibration": "top",
               "metrics_off_rates": "top", "scale": [200], "scale_baseline": True,
               "overload_duration": 1.0, "overload_previous": False,
-              "slow_rate": 500, "slow_baseline": False, "slow_duration": 1.0, "drain": 1.0,
+              "slow_rate": 500, "slow_baseline": False, "slow_duration": 1.0, "drain": 0.5,
               "ab_rate": 2000, "repeats": 1,
               "departure_clients": 50, "sigterm_clients": 50, "departure_runs": 1, "late": [0.0]},
     "quick": {"rates": [1000, 5000, 10000, 20000], "duration": 2.0, "clients": 100, "senders": 10,

@@ -239,12 +239,12 @@ def test_non_readers_and_churners_together_do_not_stall_the_room(server_process)
 
     quiet = SteadyRoom(server.address)
     server.wait_for_count("New connection", 60)
-    quiet.run(3.0)
+    quiet.run(2.0)
     quiet.check_nothing_lost()
     quiet.close()
     wait_until(lambda: process_usage(pid)[:2] == baseline, timeout=10, message="quiet room gone")
 
-    attackers = subprocess.Popen([sys.executable, __file__, *map(str, server.address), "8"],
+    attackers = subprocess.Popen([sys.executable, __file__, *map(str, server.address), "6"],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -253,7 +253,7 @@ def test_non_readers_and_churners_together_do_not_stall_the_room(server_process)
         server.wait_for_count("New connection", 60 + 10 + 60)
         attackers.stdin.write("go\n")
         attackers.stdin.flush()
-        attacked.run(8.0)
+        attacked.run(6.0)
         assert attackers.wait(20) == 0
     finally:
         if attackers.poll() is None:
