@@ -130,6 +130,14 @@ FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 COALESCE_PER_CLIENT = 0.00001  # seconds
 COALESCE_MAX = 0.005
 
+# A round's sends take at most ROUND_TIME; the clients it has not reached by
+# then get the round through their outboxes (no send now), as the slow ones
+# do, and the Sender's next loop serves writable outboxes for at most as long,
+# round-robin. So a burst into thousands of empty socket buffers (a flood into
+# a room of 2,000 that never read: 400,000 sends of 1 KiB) cannot hold back a
+# newer message for the clients early in the room, who have caught up.
+ROUND_TIME = 0.02  # seconds
+
 # A slow client's outbox holds references to rounds' payloads (shared by
 # every client they wait for); when it drains, they are joined up to this many
 # bytes, so that the sends carry 1024 bytes each, not one round each.
@@ -541,8 +549,10 @@ class Sender:
     takes the whole queue, gives each client its share (the relays minus its
     own messages) and sends it in non-blocking sends of whole frames; bytes a
     socket refuses wait in that client's outbox, and only such sockets are
-    watched for writability. A client whose socket refused data and whose
-    outbox is past the budget has stopped reading: it is dropped.
+    watched for writability. A round that has sent for ROUND_TIME gives the
+    rest of the room its share through their outboxes too. A client whose
+    socket refused data and whose outbox is past the budget has stopped
+    reading: it is dropped.
     """
 
     def __init__(self, outbound_budget, on_closed, memory_budget=DEFAULT_MEMORY_BUDGET):
@@ -670,14 +680,20 @@ class Sender:
                 # Sockets that refused data and now accept it; when there is no
                 # work, wait here for either.
                 woken = False
+                deadline = None  # for serving outboxes: ROUND_TIME from the first one
                 for key, _ in self._selector.select(0 if busy else None):
                     if key.data is None:
                         self._drain_wake_ups()
                         woken = True
-                    else:
-                        reason = self._send_outbox(key.data)
-                        if reason is not None:
-                            self._drop(key.data, reason)
+                        continue
+                    now = time.perf_counter()
+                    if deadline is None:
+                        deadline = now + ROUND_TIME
+                    elif now > deadline:
+                        continue  # still writable: the next select() reports it again
+                    reason = self._send_outbox(key.data)
+                    if reason is not None:
+                        self._drop(key.data, reason)
                 if woken and not busy:
                     # Woken from idle: let the rest of the burst queue first.
                     time.sleep(min(COALESCE_MAX, COALESCE_PER_CLIENT * len(self._room)))
@@ -773,12 +789,21 @@ class Sender:
         dontwait = socket.MSG_DONTWAIT
         whole = 0  # clients that took all of `everything` at once
         failed = []  # (client, reason): dropped after the loop, which walks the room
+        deadline = time.perf_counter() + ROUND_TIME
+        countdown = 32  # clients until the next look at the clock
+        late = False  # past ROUND_TIME: the rest of the room gets it through outboxes
         for client, send in self._room.items():
+            countdown -= 1
+            if not countdown:
+                countdown = 32
+                late = late or time.perf_counter() > deadline
             if client in senders:  # never echo: leave out its own messages
                 data = b"".join([item[1] for item in run if item[2] is not client])
-                reason = self._send(client, data) if data else None
-            elif client.outbox:  # bytes wait for it already: these go behind them
-                reason = self._send(client, everything)
+                if not data:
+                    continue
+                reason = self._enqueue(client, data) if late else self._send(client, data)
+            elif client.outbox or late:  # bytes wait for it already: these go behind them
+                reason = self._enqueue(client, everything)
             else:
                 # The common case, kept to the send() calls themselves: a room of
                 # thousands runs this loop per round.
@@ -832,9 +857,15 @@ class Sender:
             self.sent_bytes += sent
             if sent == len(data):
                 return None
-            if client.close_reason is not None:
-                return None  # being closed (evicted earlier in this fan-out)
             data = memoryview(data)[sent:]
+        return self._enqueue(client, data)
+
+    def _enqueue(self, client, data):
+        """`data` waits in `client`'s outbox, after what waits there already,
+        until its socket takes it. Returns None, or why to drop the client."""
+        if client.close_reason is not None:
+            return None  # being closed (evicted earlier in this fan-out)
+        if not client.outbox:
             self.backlogged.add(client)
             self._selector.register(client.sock, selectors.EVENT_WRITE, client)
         # A reference, not a copy: a round's payload waits once in memory,
