@@ -130,12 +130,15 @@ FLOW_CONTROL_WAIT = 0.5  # seconds; a safety bound, a round takes milliseconds
 COALESCE_PER_CLIENT = 0.00001  # seconds
 COALESCE_MAX = 0.005
 
-# A round's sends take at most ROUND_TIME; the clients it has not reached by
-# then get the round through their outboxes (no send now), as the slow ones
-# do, and the Sender's next loop serves writable outboxes for at most as long,
-# round-robin. So a burst into thousands of empty socket buffers (a flood into
-# a room of 2,000 that never read: 400,000 sends of 1 KiB) cannot hold back a
-# newer message for the clients early in the room, who have caught up.
+# A round of more than one send per client (a burst) sends for at most
+# ROUND_TIME; the clients it has not reached by then get it through their
+# outboxes (no send now), as the slow ones do, and the Sender's next loop
+# serves writable outboxes for at most as long, round-robin. So a burst into
+# thousands of empty socket buffers (a flood into a room of 2,000 that never
+# read: 400,000 sends of 1 KiB) cannot hold back a newer message for the
+# clients early in the room, who have caught up. A round of one send per
+# client is never cut: in a room of 10,000 it takes longer than ROUND_TIME,
+# and a send put off costs more than a send made (bench/BENCHMARK.md).
 ROUND_TIME = 0.02  # seconds
 
 # A slow client's outbox holds references to rounds' payloads (shared by
@@ -789,7 +792,7 @@ class Sender:
         dontwait = socket.MSG_DONTWAIT
         whole = 0  # clients that took all of `everything` at once
         failed = []  # (client, reason): dropped after the loop, which walks the room
-        deadline = time.perf_counter() + ROUND_TIME
+        deadline = time.perf_counter() + ROUND_TIME if len(pieces) > 1 else float("inf")
         countdown = 32  # clients until the next look at the clock
         late = False  # past ROUND_TIME: the rest of the room gets it through outboxes
         for client, send in self._room.items():
