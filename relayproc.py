@@ -22,8 +22,10 @@ Linux only (/proc).
 """
 
 import os
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +34,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 SERVER_SCRIPT = ROOT / "a2" / "mychatserver.py"
+
+def free_port(count=1):
+    """The first of `count` consecutive loopback ports nothing listens on now,
+    below the kernel's ephemeral range: a port that every outgoing connection
+    may take is no port to start, or restart, a server on (a redis-server, a
+    relay that cannot take --port 0) while thousands of clients connect."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        base = random.randrange(10_000, max(10_001, low - count))
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise OSError("no free port found below the ephemeral range")
+
 
 _LISTENING = re.compile(r"Server listening on (\S+):(\d+)\s*$")
 

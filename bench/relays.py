@@ -36,7 +36,7 @@ ROOT = HERE.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from relayproc import SERVER_SCRIPT, RelayProcess  # noqa: E402 - after the path fix
+from relayproc import SERVER_SCRIPT, RelayProcess, free_port  # noqa: E402 - after the path fix
 
 DEFAULT_ANCHORS = ROOT.parent / "shared" / "bench-anchors"  # the C instruments, outside the repository
 PREVIOUS_COMMIT = "a25aa6b"  # the last commit before relay core v2 (one Sender thread)
@@ -115,13 +115,6 @@ def compile_c(source, workdir, name):
     return binary
 
 
-def free_port():
-    """A loopback port free right now (for a relay that cannot take --port 0)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class CRelay(Relay):
     """The C yardstick, c_relay.c, compiled from `anchors` (outside the
     repository; never copied into it). It takes only a port, and prints
@@ -142,7 +135,7 @@ class CRelay(Relay):
     def command(self):
         if self.script is None:
             raise RuntimeError(f"the {self.name} relay was not prepared")
-        self.port = free_port()
+        self.port = free_port()  # below the ephemeral range: chatbench's thousands of clients use that
         return [str(self.script), str(self.port)]
 
 

@@ -7,7 +7,6 @@ or without it), and `a2/mychatserver.py --backbone ...` nodes. Standard
 library only; each object owns its process and kills it in stop()/kill().
 """
 
-import random
 import shutil
 import signal
 import socket
@@ -17,31 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from relayproc import SERVER_SCRIPT, RelayProcess
+from relayproc import SERVER_SCRIPT, RelayProcess, free_port
 
 LOOPBACK = "127.0.0.1"
 READY_TIMEOUT = 10.0  # seconds for redis-server to answer PING / a node to listen
-
-
-def free_port(count=1):
-    """The first of `count` consecutive ports nothing listens on now, below
-    the kernel's ephemeral range: a port that every outgoing connection may
-    take is no port to restart a redis-server on."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(100):
-        base = random.randrange(10_000, max(10_001, low - count))
-        try:
-            for port in range(base, base + count):
-                with socket.socket() as sock:
-                    sock.bind((LOOPBACK, port))
-        except OSError:
-            continue
-        return base
-    raise OSError("no free port found below the ephemeral range")
 
 
 def _ping(port, timeout=0.5):

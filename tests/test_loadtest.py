@@ -18,7 +18,6 @@ import csv
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ import time
 import pytest
 
 from conftest import LOOPBACK, ROOT
-from relayproc import python_relay
+from relayproc import free_port, python_relay
 
 LOCUSTFILE = ROOT / "loadtest" / "chatusers.py"
 FAULT_RELAY = ROOT / "tests" / "fault_relay.py"
@@ -36,12 +35,6 @@ USERS = 20
 TRAFFIC = ["--chat-wait", "0.1", "--chat-churn", "0.05", "--chat-message-size", "100"]
 DELIVERY_FAULTS = {"lost message", "duplicate message", "reordered message", "bad frame",
                    "wrong port", "echoed message", "unexpected disconnect"}
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 class LocustRun:

@@ -33,7 +33,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from conftest import LOOPBACK, ROOT, wait_until
-from test_loadtest import LOCUSTFILE, fault_relay, free_port
+from relayproc import free_port
+from test_loadtest import LOCUSTFILE, fault_relay
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

@@ -14,7 +14,6 @@ would hide a broken CI setup).
 import json
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import urllib.error
@@ -27,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from a2.mychatserver import DEFAULT_MEMORY_BUDGET, DISCONNECT_REASONS, REFUSAL_REASONS, VERSION, ChatServer, frame
 from conftest import ROOT, Peer, wait_until
 from metrics.exporter import BACKBONE_METRIC_NAMES, METRIC_NAMES, start_metrics_server
+from relayproc import free_port
 
 METRICS_DIR = ROOT / "metrics"
 CONFIG = METRICS_DIR / "prometheus.yml"
@@ -65,11 +65,6 @@ def rule_names(kind):
     """Names of the `alert:` or `record:` rules in rules.yml, in file order (no YAML
     parser in requirements.txt; the real Prometheus test checks the same list)."""
     return re.findall(rf"^\s*- {kind}: (\S+)\s*$", RULES.read_text(), re.MULTILINE)
-
-
-def free_port():
-    with socket.create_server(("127.0.0.1", 0)) as sock:
-        return sock.getsockname()[1]
 
 
 # --- static checks --------------------------------------------------------------------
