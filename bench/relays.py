@@ -5,8 +5,9 @@ each is prepared once per run and started, fresh, for every step.
     previous   a2/mychatserver.py and metrics/ as they were at --previous-commit
     baseline   bench/baseline_relay.py: the class demo, the shape most classmates submit
     reference  bench/reference_relay.py: the driver's calibration, never compared
-    c          c_relay.c from --anchors, compiled with cc: the yardstick scenario's
-               C relay (bench/yardstick.py), never in the default comparison
+
+The yardstick's C relay is made by bench/yardstick.py from --anchors, not
+listed here: it is never in the default comparison (CRelay, below).
 
 An entry knows three things: what it is (one line, printed with the
 results), whether it serves /metrics (`--metrics-port 0`), and the command
@@ -155,7 +156,7 @@ def wait_accepting(relay, address, timeout=10.0):
             time.sleep(0.01)
 
 
-def registry(project_script=SERVER_SCRIPT, previous_commit=PREVIOUS_COMMIT, anchors=None):
+def registry(project_script=SERVER_SCRIPT, previous_commit=PREVIOUS_COMMIT):
     """Every relay under test by name, the compared ones in table order."""
     relays = [
         # Flood control off: each of the benchmark's senders sends thousands a second.
@@ -166,7 +167,6 @@ def registry(project_script=SERVER_SCRIPT, previous_commit=PREVIOUS_COMMIT, anch
                           "relaying each recv(1024) under the list lock", HERE / "baseline_relay.py"),
         Relay("reference", "bench/reference_relay.py: one epoll thread, C-speed per byte "
                            "(calibrates the driver)", HERE / "reference_relay.py", compared=False),
-        CRelay(anchors or DEFAULT_ANCHORS),
     ]
     return {relay.name: relay for relay in relays}
 
