@@ -10,6 +10,7 @@ process to talk to it, or to measure it, does it here:
     relay.cpu_seconds()     # user + system CPU so far, from /proc/PID/stat
     relay.usage()           # (threads, open descriptors, resident KiB)
     relay.stop()            # SIGTERM, then SIGKILL if it lingers
+    free_port()             # a loopback port for what cannot take --port 0
 
 Why a top-level module of its own: the benchmark (bench/), the local cluster
 (cluster/local.py) and the tests all start relays and read /proc, and none of
