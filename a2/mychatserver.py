@@ -434,6 +434,9 @@ def _input_waiting(sock):
     return bool(poller.poll(0))
 
 
+READER_COUNTERS = ("messages_received", "received_bytes", "throttle_pauses", "throttled_seconds")
+
+
 class ClientConnection:
     """One connected client: its socket and its reader thread.
 
@@ -453,7 +456,8 @@ class ClientConnection:
         # Our sends already carry up to 1024 bytes of whole frames; Nagle's
         # algorithm would only hold small relays back for the peer's delayed ACK.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # The reader's counters, folded into the server's totals when it leaves.
+        # The reader's counters (READER_COUNTERS), moved into the server's
+        # totals when its socket is closed.
         self.messages_received = 0
         self.received_bytes = 0
         self.throttle_pauses = 0
@@ -543,7 +547,8 @@ class ClientConnection:
 
 class Sender:
     """The one thread that sends: it owns every client's outbox, every send()
-    and every close(), and the room (who is relayed to).
+    and every close(), and the registry: every client whose socket is open
+    (the hub of gorilla/websocket's chat, which owns its clients map).
 
     Producers (readers, the accept loop, the backbone) only append to its
     queue: joins, relays, departures, in the order they happened, so a newcomer
@@ -584,15 +589,17 @@ class Sender:
         self._wake_receiver, self._wake_sender = socket.socketpair()
         self._wake_receiver.setblocking(False)
         self._wake_sender.setblocking(False)
-        # Owned by the Sender thread alone (no lock): the room as an ordered
-        # set, clients told to close that have not departed yet, clients with
-        # bytes in their outbox (registered in the selector), the counters.
-        self._room = {}
-        self._closing = set()
+        # Owned by the Sender thread alone (no lock). The registry: every
+        # client whose socket is open, in the order they joined, mapped to
+        # its socket's send() while it is in the room (relayed to), to None
+        # once it is leaving (dropped, or departed and its close not made
+        # yet); a client leaves the registry when its socket is closed.
+        # Others read it only as tuple(clients) (atomic under the GIL).
+        self.clients = {}
+        self.room_size = 0  # clients mapped to a send(): those relayed to
         self._to_close = collections.deque()  # ("depart", client, reason) not closed yet
-        self.backlogged = set()  # read by stats() as tuple(...) (atomic under the GIL)
+        self.backlogged = set()  # clients with bytes in their outbox (registered in the selector)
         self.outbox_bytes = 0  # len(outbox) summed over every client (read by stats())
-        self._evicted = []  # dropped for the memory budget, still in the room until the fan-out ends
         self._freed_bytes = 0  # outbox bytes freed since memory was last given back
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_receiver, selectors.EVENT_READ)
@@ -699,7 +706,7 @@ class Sender:
                         self._drop(key.data, reason)
                 if woken and not busy:
                     # Woken from idle: let the rest of the burst queue first.
-                    time.sleep(min(COALESCE_MAX, COALESCE_PER_CLIENT * len(self._room)))
+                    time.sleep(min(COALESCE_MAX, COALESCE_PER_CLIENT * self.room_size))
                 if batch and not self._handle(batch):
                     return
                 self._close_some()
@@ -729,9 +736,10 @@ class Sender:
         """Apply one round of queued items, in order. False: stop.
 
         A departed client leaves the room at once, but its socket is closed
-        at the end of the round: what was queued after its departure (a
-        newcomer's first message, say) does not wait behind close() calls,
-        and the descriptor cannot be reused while this round still runs."""
+        (and it leaves the registry) later, at most CLOSES_PER_ROUND a round:
+        what was queued after its departure (a newcomer's first message, say)
+        does not wait behind close() calls, and the descriptor cannot be
+        reused while this round still runs."""
         run = []  # consecutive relays, fanned out together
         departed = self._to_close
         go_on = True
@@ -744,15 +752,15 @@ class Sender:
                 self._fan_out(run)
                 run = []
             if kind == "join":
-                self._room[item[1]] = item[1].sock.send  # what _fan_out() calls
+                self.clients[item[1]] = item[1].sock.send  # what _fan_out() calls
+                self.room_size += 1
             elif kind == "depart":
-                client = item[1]
-                self._room.pop(client, None)
-                self._forget_outbox(client)
+                self._leave_room(item[1])
+                self._forget_outbox(item[1])
                 departed.append(item)  # closed by _close_some(), in order
             elif kind == "close_all":
                 notice = CLOSE_NOTICES.get(item[1], "").encode()
-                for client in list(self._room):
+                for client in [c for c, send in self.clients.items() if send is not None]:
                     if notice and not client.outbox:  # a backlogged client's bytes are dropped with it
                         self._send(client, notice)  # after what was queued before; then the close
                     self._drop(client, item[1])
@@ -760,12 +768,12 @@ class Sender:
                 # The process is exiting: every client gets its FIN now
                 # (SHUT_WR wakes no reader, so no herd of thousands competes
                 # for the GIL meanwhile); exit closes the descriptors.
-                for client in self._room:
+                for client in self.clients:
                     try:
                         client.sock.shutdown(socket.SHUT_WR)
                     except OSError:
                         pass  # already disconnected
-                self._room.clear()
+                self.clients.clear()
                 go_on = False
                 break
             elif kind == "stop":
@@ -785,6 +793,8 @@ class Sender:
 
     def _fan_out(self, run):
         """Give every client in the room its share of a run of relays."""
+        for _, _, origin, count, _ in run:  # counted before any is dropped below
+            self.deliveries += (self.room_size - (self.clients.get(origin) is not None)) * count
         senders = {item[2] for item in run}
         everything = b"".join([item[1] for item in run])
         size = len(everything)
@@ -795,7 +805,9 @@ class Sender:
         deadline = time.perf_counter() + ROUND_TIME if len(pieces) > 1 else float("inf")
         countdown = 32  # clients until the next look at the clock
         late = False  # past ROUND_TIME: the rest of the room gets it through outboxes
-        for client, send in self._room.items():
+        for client, send in self.clients.items():
+            if send is None:  # leaving: dropped, or departed and not closed yet
+                continue
             countdown -= 1
             if not countdown:
                 countdown = 32
@@ -831,18 +843,13 @@ class Sender:
                 failed.append((client, reason))
         self.sent_bytes += whole * size
         now = time.perf_counter()
-        room = self._room
         for _, _, origin, count, arrived in run:
-            self.deliveries += (len(room) - (origin in room)) * count
             if origin is not None:  # a local read: its relay latency
                 seconds = now - arrived
                 self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += count
                 self.latency_sum += seconds * count
         for client, reason in failed:
             self._drop(client, reason)
-        for client in self._evicted:
-            self._room.pop(client, None)
-        self._evicted.clear()
 
     def _send(self, client, data):
         """Send `data` to `client` now, without blocking; what its socket
@@ -890,8 +897,7 @@ class Sender:
     def _evict_largest(self):
         """All outboxes together are past the memory budget: drop the slow
         consumers with the largest outboxes first, until they are under
-        MEMORY_LOW_WATER of it. Their outboxes are freed now; they leave the
-        room when the fan-out that walks it ends."""
+        MEMORY_LOW_WATER of it."""
         target = self.memory_budget * MEMORY_LOW_WATER
         for client in sorted(self.backlogged, key=lambda c: c.outbox_size, reverse=True):
             if self.outbox_bytes <= target:
@@ -899,8 +905,7 @@ class Sender:
             log.warning("Dropping %s: %d bytes waiting to be sent, the most of any client, "
                         "and all clients' together past the memory budget (%d bytes)",
                         client.address, client.outbox_size, self.memory_budget)
-            self._drop(client, "memory_budget", leave_room=False)
-            self._evicted.append(client)
+            self._drop(client, "memory_budget")
 
     def _send_outbox(self, client):
         """Send what waits for `client`, oldest first, without blocking.
@@ -944,14 +949,20 @@ class Sender:
         log.warning("Connection from %s failed while sending: %s", client.address, exc.strerror or exc)
         return "error"
 
-    def _drop(self, client, reason, leave_room=True):
+    def _leave_room(self, client):
+        """Relay nothing more to `client` (it stays in the registry until its
+        socket is closed). A fan-out may be walking the registry: this only
+        changes a value, never its size."""
+        if self.clients.get(client) is not None:
+            self.clients[client] = None
+            self.room_size -= 1
+
+    def _drop(self, client, reason):
         """Stop relaying to `client` and wake its reader, which then departs."""
-        if leave_room:
-            self._room.pop(client, None)
+        self._leave_room(client)
         self._forget_outbox(client)
         if client.close_reason is None:
             client.close_reason = reason
-            self._closing.add(client)
             try:
                 client.sock.shutdown(socket.SHUT_RDWR)  # recv() returns b"" at once
             except OSError:
@@ -959,10 +970,10 @@ class Sender:
 
     def _close(self, client, reason):
         """The client's reader has ended: close its socket, once."""
-        self._closing.discard(client)
         if client.close_reason is None:
             client.close_reason = reason
         client.sock.close()
+        self.clients.pop(client, None)
         self._on_closed(client)
 
     def _stop_everything(self):
@@ -971,16 +982,15 @@ class Sender:
         self._queue.clear()
         with self._pause_lock:
             self._room_for_more.notify_all()
-        leftover = list(self._room) + list(self._closing) + [item[1] for item in self._to_close]
-        for client in leftover:
+        for client in self.clients:
             client.close_reason = client.close_reason or "shutdown"
             try:
                 client.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
             client.sock.close()
-        self._room.clear()
-        self._closing.clear()
+        self.clients.clear()
+        self.room_size = 0
         self._selector.close()
         self._wake_receiver.close()
         self._wake_sender.close()
@@ -1032,16 +1042,15 @@ class ChatServer:
         self._accept_wake_receiver, self._accept_wake_sender = socket.socketpair()
         self._accept_wake_sender.setblocking(False)
         self._serve = True  # a plain flag: stop_serving() may run in a signal handler
-        # The registry: clients whose sockets are open (what --max-clients,
-        # --max-per-host and shutdown count), and the departed ones' totals.
-        # One lock; held for O(1) work, except by stats(). Not the room: the
-        # Sender alone knows whom it relays to (Sender._room), a client it
-        # dropped leaves the room at once and the registry once its socket is
-        # closed, and the Sender walks the room thousands of times a second
-        # without a lock.
+        # The registry of clients is the Sender's (Sender.clients): a client
+        # joins it through the Sender's queue, so the accept loop counts the
+        # connections it admitted and the Sender has not closed yet, in all
+        # and per host, for --max-clients, --max-per-host and shutdown; with
+        # the departed clients' totals. One lock, held for O(1) work, except
+        # by stats().
         self._lock = threading.Lock()
         self._all_closed = threading.Condition(self._lock)
-        self._clients = set()
+        self._open = 0  # admitted connections whose sockets are not closed yet
         self._connections_total = 0
         self._totals = collections.Counter()  # departed clients' reader counters
         self._disconnects = dict.fromkeys(DISCONNECT_REASONS, 0)
@@ -1102,7 +1111,7 @@ class ChatServer:
 
     def _admit(self, sock, address):
         address = address[:2]
-        if len(self._clients) >= self.max_clients:
+        if self._open >= self.max_clients:
             log.info("New connection from %s", address)
             self._reject(sock, address, "full", f"Server full ({self.max_clients} clients). Try again later.\n")
             return
@@ -1118,7 +1127,7 @@ class ChatServer:
                 return
         client = ClientConnection(self, sock, address, host)
         with self._lock:
-            self._clients.add(client)
+            self._open += 1
             if host is not None:
                 self._per_host[host] += 1
         self._sender.join(client)
@@ -1196,7 +1205,7 @@ class ChatServer:
 
     def disconnect_all(self, reason):
         """Close every local client with `reason` (e.g. backbone_gap)."""
-        log.warning("Closing all %d client(s): %s", len(self._clients), reason)
+        log.warning("Closing all %d client(s): %s", self._open, reason)
         self._sender.close_all(reason)
 
     def attach_backbone(self, backbone):
@@ -1206,54 +1215,50 @@ class ChatServer:
     # --- registry --------------------------------------------------------------
 
     def _closed(self, client):
-        """Run by the Sender once it closed a client's socket: fold its counters in."""
+        """Run by the Sender once it closed a client's socket (its reader has
+        ended): move its reader's counters into the totals."""
         with self._lock:
             # Logged under the lock, so "Server stopped" is always the last line.
             if client.close_reason != "shutdown":
                 log.info("Connection from %s closed (%s)", client.address, client.close_reason)
-            self._clients.discard(client)
+            self._open -= 1
             if client.host_key is not None:
                 self._per_host[client.host_key] -= 1
                 if not self._per_host[client.host_key]:
                     del self._per_host[client.host_key]
-            self._totals["messages_received"] += client.messages_received
-            self._totals["received_bytes"] += client.received_bytes
-            self._totals["throttle_pauses"] += client.throttle_pauses
-            self._totals["throttled_seconds"] += client.throttled_seconds
+            for counter in READER_COUNTERS:
+                self._totals[counter] += getattr(client, counter)
+                setattr(client, counter, 0)  # counted once: stats() may still see it
             self._disconnects[client.close_reason] += 1
-            if not self._clients:
+            if not self._open:
                 self._all_closed.notify_all()
 
     @property
     def client_count(self):
-        return len(self._clients)
+        return self._open
 
     def stats(self):
         """A snapshot of every counter, exact once the room is quiet."""
         sender = self._sender
         backlogs = [client.outbox_size for client in tuple(sender.backlogged)]
+        registry = tuple(sender.clients)
         with self._lock:
-            received = self._totals["messages_received"]
-            received_bytes = self._totals["received_bytes"]
-            throttle_pauses = self._totals["throttle_pauses"]
-            throttled_seconds = self._totals["throttled_seconds"]
+            totals = collections.Counter(self._totals)
             throttled = 0
-            for client in self._clients:
-                received += client.messages_received
-                received_bytes += client.received_bytes
-                throttle_pauses += client.throttle_pauses
-                throttled_seconds += client.throttled_seconds
+            for client in registry:
+                for counter in READER_COUNTERS:
+                    totals[counter] += getattr(client, counter)
                 throttled += client.throttled
-            clients = len(self._clients)
+            clients = self._open
             disconnects = dict(self._disconnects)
         return {
             "version": VERSION,
             "connections_total": self._connections_total,
             "clients": clients,
             "max_clients": self.max_clients,
-            "messages_received_total": received,
+            "messages_received_total": totals["messages_received"],
             "messages_relayed_total": sender.deliveries,
-            "received_bytes_total": received_bytes,
+            "received_bytes_total": totals["received_bytes"],
             "sent_bytes_total": sender.sent_bytes,
             "disconnects_total": disconnects,
             "outbound_backlog_bytes": sender.outbox_bytes,
@@ -1262,8 +1267,8 @@ class ChatServer:
             "accept_errors_total": dict(self._accept_errors),
             "refused_connections_total": dict(self._refusals),
             "throttled_clients": throttled,
-            "throttle_pauses_total": throttle_pauses,
-            "throttled_seconds_total": throttled_seconds,
+            "throttle_pauses_total": totals["throttle_pauses"],
+            "throttled_seconds_total": totals["throttled_seconds"],
             "flow_control_pauses_total": sender.flow_control_pauses,
             "flow_control_pause_seconds_total": sender.flow_control_pause_seconds,
             "log_lines_dropped_total": log_lines_dropped(),
@@ -1302,15 +1307,15 @@ class ChatServer:
             # thousands of them would only compete with the exit for the GIL.
             self._readers.close()
         with self._lock:
-            count = len(self._clients)
+            count = self._open
         if count:
             log.info("Shutting down: closing %d connection(s)", count)
         if wait:
             self._sender.close_all("shutdown")
             with self._lock:
-                self._all_closed.wait_for(lambda: not self._clients,
+                self._all_closed.wait_for(lambda: not self._open,
                                           max(0.0, deadline - time.monotonic()))
-                left = len(self._clients)
+                left = self._open
             if left:
                 log.warning("%d connection(s) did not finish in %.1fs", left, SHUTDOWN_GRACE)
             self._sender.stop(SHUTDOWN_GRACE)
