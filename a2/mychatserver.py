@@ -16,11 +16,12 @@ Who owns what (the hub shape of gorilla/websocket's chat example)
     hands them to the Sender, and when the client leaves it may serve the
     next newcomer (Readers). The Sender is one thread that owns every
     client's outgoing bytes, every send() and every close(), so no two
-    threads ever touch a socket's send side. ChatServer's accept loop admits
-    clients into the registry, which has one lock.
+    threads ever touch a socket's send side; it also owns the registry of
+    clients, who join and leave it through its queue. ChatServer's accept
+    loop admits clients, and counts them for its limits under one lock.
 
 Reading order: framing (bytes in, messages out) -> a client's reader -> the
-Sender -> the accept loop and registry -> main. The last section, "running
+Sender -> the accept loop -> main. The last section, "running
 thousands of threads under one GIL", holds the reader pool, the log writer
 and the process settings: how the relay runs, not what it does.
 
@@ -58,8 +59,8 @@ import codecs
 import collections
 import errno
 import ipaddress
+import itertools
 import logging
-import logging.handlers
 import os
 import queue
 import random
@@ -996,7 +997,7 @@ class Sender:
         self._wake_sender.close()
 
 
-# --- The accept loop and the registry ------------------------------------------------------
+# --- The accept loop and its counts ---------------------------------------------------------
 
 def _listen(host, port):
     """A listening socket on host:port, IPv4 or IPv6 as the host is; "::"
@@ -1015,7 +1016,8 @@ def parse_networks(text):
 
 
 class ChatServer:
-    """The relay: listens, keeps the registry of clients, runs the Sender.
+    """The relay: listens, admits clients (counting them for the limits),
+    runs the Sender, which keeps the registry of clients.
 
     Binds in the constructor (so `address` is known at once, even for port 0).
     serve_forever() runs the accept loop; shutdown() may be called from any
@@ -1212,11 +1214,12 @@ class ChatServer:
         """Share the room with other nodes (see cluster/): before serve_forever()."""
         self._backbone = backbone
 
-    # --- registry --------------------------------------------------------------
+    # --- counts --------------------------------------------------------------
 
     def _closed(self, client):
-        """Run by the Sender once it closed a client's socket (its reader has
-        ended): move its reader's counters into the totals."""
+        """Run by the Sender once it closed a client's socket: move its
+        reader's counters into the totals. Its reader has ended (its
+        departure was queued before the close), so nothing else writes them."""
         with self._lock:
             # Logged under the lock, so "Server stopped" is always the last line.
             if client.close_reason != "shutdown":
@@ -1463,9 +1466,9 @@ def _backbone_url(flag):
 
 
 def _start_backbone(server, url, source):
-    """Import the project's cluster/ package only when asked to. Returns
-    (backbone, None) or (None, exit status): 2 for what waiting cannot fix
-    (a bad URL, credentials, a certificate), 1 without the redis package."""
+    """Import the project's cluster/ package only when asked to. Returns the
+    exit status if it cannot start: 2 for what waiting cannot fix (a bad URL,
+    credentials, a certificate), 1 without the redis package; else None."""
     _project_root_on_path()
     try:
         from cluster.backbone import start_backbone
@@ -1474,12 +1477,12 @@ def _start_backbone(server, url, source):
         print(f"--backbone needs the redis package and the project's cluster/ package "
               f"({exc}): use the project's .venv (./run-tests creates it; . .venv/bin/activate)",
               file=sys.stderr)
-        return None, 1
+        return 1
     except ValueError as exc:  # cluster's BackboneConfigError: its message holds no secret
         print(f"Cannot use the backbone: {exc}", file=sys.stderr)
-        return None, 2
+        return 2
     server.attach_backbone(backbone)
-    return backbone, None
+    return None
 
 
 def _is_loopback(host):
@@ -1541,19 +1544,19 @@ def main(argv=None):
         return 1
     if stop_requested:
         server.stop_serving()
-    exporter = backbone = None
-    status = 1
+    exporter = failed = None  # failed: the exit status of an optional part that cannot start
     backbone_url, source = _backbone_url(args.backbone)
     if args.metrics_port is not None:
         exporter = _start_metrics(server, args.metrics_host, args.metrics_port)
-    if backbone_url is not None and (args.metrics_port is None or exporter is not None):
-        backbone, status = _start_backbone(server, backbone_url, source)
-    if (args.metrics_port is not None and exporter is None) or (backbone_url and backbone is None):
+        failed = None if exporter is not None else 1
+    if backbone_url is not None and failed is None:
+        failed = _start_backbone(server, backbone_url, source)
+    if failed is not None:
         server.shutdown()
         if exporter is not None:
             exporter.stop()
-        writer.close(LOG_DRAIN_WAIT)
-        return status
+        writer.stop(LOG_DRAIN_WAIT)
+        return failed
     _warn_if_exposed(server.address[0], "the chat is")
     log.info("Server listening on %s", host_port(*server.address))
     server.serve_forever()
@@ -1561,7 +1564,7 @@ def main(argv=None):
     if exporter is not None:
         exporter.stop()
     log.info("Server stopped")
-    if not writer.close(LOG_DRAIN_WAIT):
+    if not writer.stop(LOG_DRAIN_WAIT):
         # The log output is stalled: exiting normally would wait for it (and
         # the interpreter cannot flush a stream a thread is blocked writing).
         os._exit(0)
@@ -1724,43 +1727,6 @@ class _WaitingReader:
 
 # --- logging: one writer thread, never blocking the relay -----------------------------
 
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Queues records for the log writer; drops (and counts) instead of waiting
-    when the queue is full. Handler.handle() holds the handler's lock around
-    enqueue(), so `dropped` is counted exactly."""
-
-    def __init__(self, records):
-        super().__init__(records)
-        self.dropped = 0
-
-    def prepare(self, record):
-        return record  # as it is: the log writer formats it, and groups by record.msg
-
-    def enqueue(self, record):
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-
-
-class _BatchedStreamHandler(logging.StreamHandler):
-    """A StreamHandler that leaves flushing to the LogWriter: once per batch of
-    lines, not once per line (a thousand departures log a thousand lines, and
-    each flush is a system call that hands the GIL on)."""
-
-    def flush(self):
-        pass  # see flush_batch()
-
-    def flush_batch(self, last_record):
-        self.acquire()
-        try:
-            self.stream.flush()
-        except Exception:
-            self.handleError(last_record)  # as emit() does: the stream is gone
-        finally:
-            self.release()
-
-
 class LogFloodGate:
     """Shows at most `lines` warnings of one kind (one format string) per
     `window` seconds from the first; counts the rest and, when the window
@@ -1803,25 +1769,38 @@ class LogFloodGate:
         return max(0.0, min(state[0] for state in self._kinds.values()) + self.window - now)
 
 
-class LogWriter:
-    """The one thread that writes log lines (stdout for the transcript, stderr
-    for problems), so a stalled terminal or pipe stalls only this thread.
-    Whatever is queued when it wakes goes out together, with one flush.
-    Warnings pass its LogFloodGate, so no attack can fill a terminal or a disk."""
+class LogWriter(logging.Handler):
+    """The server's log handler and the one thread that writes its lines:
+    program output (the assignment's lines) on stdout, problems on stderr,
+    both as bare messages so the transcript matches the assignment exactly.
 
-    def __init__(self, handlers):
+    emit() only queues a record, or drops and counts it when LOG_QUEUE_LINES
+    wait (Handler.handle() holds the handler's lock around emit(), so the
+    count is exact): a stalled terminal or pipe stalls this thread alone,
+    never a relay. What is queued when the thread wakes goes out together,
+    one write and one flush per stream (a thousand departures log a thousand
+    lines, and each flush is a system call that hands the GIL on). Warnings
+    pass its LogFloodGate, so no attack can fill a terminal or a disk."""
+
+    def __init__(self, out, err):
+        super().__init__()
         self.records = queue.Queue(LOG_QUEUE_LINES)
         self.gate = LogFloodGate()
-        self._handlers = handlers
+        self.dropped = 0
+        self._out, self._err = out, err
         self._thread = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._thread.start()
 
+    def emit(self, record):
+        try:
+            self.records.put_nowait(record)  # as it is: formatted, and gated by record.msg, below
+        except queue.Full:
+            self.dropped += 1
+
     def _run(self):
-        records = self.records
-        gate = self.gate
+        records, gate = self.records, self.gate
         running = True
         while running:
-            last = None  # the batch's last record, for flush_batch()'s error report
             batch = []
             try:
                 batch.append(records.get(timeout=gate.next_due(time.monotonic())))
@@ -1829,26 +1808,25 @@ class LogWriter:
                     batch.append(records.get_nowait())
             except queue.Empty:
                 pass
-            # Summaries of the windows that ended; all of them when stopping.
-            now = float("inf") if None in batch else time.monotonic()
-            batch[:0] = [logging.makeLogRecord({"msg": summary, "levelno": logging.WARNING,
-                                                "levelname": "WARNING", "summary": True})
-                         for summary in gate.due(now)]
+            if None in batch:  # stop(): nothing is queued after it
+                del batch[batch.index(None):]
+                running = False
+            now = time.monotonic() if running else float("inf")  # stopping: every summary now
+            lines = [(self._err, summary) for summary in gate.due(now)]
             for record in batch:
-                if record is None:  # close(): nothing is queued after it
-                    running = False
-                    break
-                if (record.levelno >= logging.WARNING and not hasattr(record, "summary")
-                        and not gate.admit(record.msg, record.getMessage(), now)):
-                    continue
-                for handler in self._handlers:
-                    if record.levelno >= handler.level:
-                        handler.handle(record)
-                last = record
-            for handler in self._handlers:
-                handler.flush_batch(last)
+                if record.levelno < logging.WARNING:
+                    lines.append((self._out, self.format(record)))
+                elif gate.admit(record.msg, record.getMessage(), now):
+                    lines.append((self._err, self.format(record)))
+            # In the order logged, even where stdout and stderr are one file.
+            for stream, group in itertools.groupby(lines, key=lambda line: line[0]):
+                try:
+                    stream.write("".join(text + "\n" for _, text in group))
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass  # the stream is closed (a pipe nobody reads any more)
 
-    def close(self, timeout):
+    def stop(self, timeout):
         """Let queued lines out, at most `timeout` seconds. False: output is stalled."""
         try:
             self.records.put(None, timeout=timeout)
@@ -1858,12 +1836,11 @@ class LogWriter:
         return not self._thread.is_alive()
 
 
-_log_handler = None  # the installed _DroppingQueueHandler, see configure_logging()
-_log_writer = None   # the LogWriter, see configure_logging()
+_log_writer = None  # the installed LogWriter, see configure_logging()
 
 
 def log_lines_dropped():
-    return 0 if _log_handler is None else _log_handler.dropped
+    return 0 if _log_writer is None else _log_writer.dropped
 
 
 def log_lines_summarised():
@@ -1871,29 +1848,19 @@ def log_lines_summarised():
 
 
 def configure_logging():
-    """Program output (the assignment's lines) on stdout, problems on stderr,
-    both as bare messages so the transcript matches the assignment exactly,
-    written by a LogWriter. Returns the LogWriter."""
-    global _log_handler, _log_writer
-    formatter = logging.Formatter("%(message)s")
+    """Send the server's log lines to a LogWriter on stdout and stderr; returns it."""
+    global _log_writer
     # Our lines are bare messages: no LogRecord needs the thread's name (and
     # asking threading for it from a reader, a _thread thread, would invent
     # a dummy Thread object for it).
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    out = _BatchedStreamHandler(sys.stdout)
-    out.setFormatter(formatter)
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err = _BatchedStreamHandler(sys.stderr)
-    err.setFormatter(formatter)
-    err.setLevel(logging.WARNING)
-    writer = _log_writer = LogWriter([out, err])
-    _log_handler = _DroppingQueueHandler(writer.records)
-    log.handlers[:] = [_log_handler]
+    _log_writer = LogWriter(sys.stdout, sys.stderr)
+    log.handlers[:] = [_log_writer]
     log.setLevel(logging.INFO)
     log.propagate = False
-    return writer
+    return _log_writer
 
 
 if __name__ == "__main__":

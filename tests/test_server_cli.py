@@ -172,6 +172,31 @@ def test_a_stalled_log_output_does_not_freeze_the_room():
         proc.stderr.close()
 
 
+@pytest.mark.timeout(30)
+def test_a_closed_stdout_costs_the_transcript_only_not_a_traceback():
+    """`mychatserver.py | head -1`: once the pipe is closed, the transcript's
+    lines go nowhere, and stderr says nothing about it (no "Logging error"
+    traceback per line); the room goes on and the server stops cleanly."""
+    proc, address = _unread_server()
+    proc.stdout.close()  # as `head -1` does after the first line
+    try:
+        b = Peer(address)
+        a = Peer(address)
+        for i in range(20):
+            a.send(f"line {i}\n")
+        b.expect("".join(f"{a.port}: line {i}\n" for i in range(20)), timeout=10)
+        a.close()
+        b.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(5) == 0
+        assert proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
 # --- exposure: listening beyond loopback is never silent ------------------------------
 
 @pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False), ("localhost", False)])
