@@ -1593,8 +1593,8 @@ HOT_READER_PAUSE = 0.0001
 # the GIL wakes once per interval to ask for it: when thousands of readers wake
 # at once (a mass departure, shutdown) that herd starves the accept loop and
 # the Sender (BENCHMARK.md, "Mass departure"). Alone it makes a busy reader
-# hold the GIL longer (a flood's room p99 1,952 ms, against 1,354 ms at 5 ms):
-# it pays only with HOT_READER_PAUSE (p99 1.2 ms), which hands the GIL on.
+# hold the GIL longer, and a flood's latency worse: it pays only paired with
+# HOT_READER_PAUSE, which hands the GIL on ("One flooding client and the GIL").
 SWITCH_INTERVAL = 0.1
 
 # A reader thread whose client has left waits this long, times 1 to 2 at
@@ -1604,10 +1604,10 @@ SWITCH_INTERVAL = 0.1
 READER_LINGER = 1.0
 
 # Our threads recurse little; 10,000 of them must fit in the address space.
-# Resident memory is the same either way (only touched pages count); with
-# Linux's default 8 MiB stacks, 10,000 readers reserve 79 GiB, and under an
-# 8 GiB limit (ulimit -v, a container) only 896 clients could be served,
-# against all 10,000 with this (BENCHMARK.md, "Thread stack size").
+# Resident memory is the same either way (only touched pages count), but
+# Linux's default 8 MiB stacks reserve 8 MiB per reader: under an address-space
+# limit (ulimit -v, a container) far fewer clients can be served
+# (BENCHMARK.md, "Thread stack size, on vs off").
 THREAD_STACK_SIZE = 256 * 1024
 
 # Log lines waiting for the log writer thread. When stdout or stderr stalls
