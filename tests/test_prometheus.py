@@ -39,8 +39,9 @@ ALERTS = ["ChatServerDown", "ChatServerTargetMissing", "ChatSlowConsumerDrops",
           "ChatRelayLatencyHigh", "ChatClientsAtMaximum", "ChatFileDescriptorsNearLimit",
           "ChatServerRestarted", "ChatAcceptErrors", "ChatLogLinesDropped",
           "ChatConnectionStorm", "ChatMemoryBudgetEvictions", "ChatClientsThrottled",
-          "ChatBackboneDown", "ChatBackboneGap", "ChatBackboneOutboxHigh", "ChatBackboneDelayHigh"]
-BACKBONE_ALERTS = ALERTS[-4:]
+          "ChatBackboneDown", "ChatBackboneGap", "ChatBackboneOutboxHigh", "ChatBackboneDelayHigh",
+          "ChatBackboneRejectedEntries"]
+BACKBONE_ALERTS = ALERTS[-5:]
 RECORDING_RULES = ["instance:chat_messages_received:rate1m", "instance:chat_messages_relayed:rate1m",
                    "instance:chat_fanout_ratio:rate1m", "instance:chat_relay_latency_seconds:p50_5m",
                    "instance:chat_relay_latency_seconds:p99_5m", "instance:process_open_fds:ratio",
