@@ -594,11 +594,14 @@ class Sender:
         # client whose socket is open, in the order they joined, mapped to
         # its socket's send() while it is in the room (relayed to), to None
         # once it is leaving (dropped, or departed and its close not made
-        # yet); a client leaves the registry when its socket is closed.
+        # yet); a client leaves the registry when its departure's close is
+        # made. Once the Sender has stopped, the registry keeps whoever was in
+        # it, so that stats() still counts what they sent.
         # Others read it only as tuple(clients) (atomic under the GIL).
         self.clients = {}
         self.room_size = 0  # clients mapped to a send(): those relayed to
         self._to_close = collections.deque()  # ("depart", client, reason) not closed yet
+        self._exiting = False  # finish(): the process's exit closes the sockets
         self.backlogged = set()  # clients with bytes in their outbox (registered in the selector)
         self.outbox_bytes = 0  # len(outbox) summed over every client (read by stats())
         self._freed_bytes = 0  # outbox bytes freed since memory was last given back
@@ -774,7 +777,7 @@ class Sender:
                         client.sock.shutdown(socket.SHUT_WR)
                     except OSError:
                         pass  # already disconnected
-                self.clients.clear()
+                self._exiting = True
                 go_on = False
                 break
             elif kind == "stop":
@@ -978,19 +981,21 @@ class Sender:
         self._on_closed(client)
 
     def _stop_everything(self):
-        """The Sender stops: nothing more is sent; close what is still open."""
+        """The Sender stops: nothing more is sent; close what is still open
+        (unless the process is exiting). The registry stays as it is: its
+        clients' reader counters still count in stats()."""
         self._stopped = True
         self._queue.clear()
         with self._pause_lock:
             self._room_for_more.notify_all()
-        for client in self.clients:
-            client.close_reason = client.close_reason or "shutdown"
-            try:
-                client.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            client.sock.close()
-        self.clients.clear()
+        if not self._exiting:
+            for client in self.clients:
+                client.close_reason = client.close_reason or "shutdown"
+                try:
+                    client.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                client.sock.close()
         self.room_size = 0
         self._selector.close()
         self._wake_receiver.close()

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import SERVER_SCRIPT, Peer, wait_until
+from conftest import SERVER_SCRIPT, Peer, running_server, wait_until
 from reliability_helpers import connect_idle, raise_fd_limit, tcp_queues
 from relayproc import process_usage
 
@@ -155,6 +155,27 @@ def test_clients_leaving_as_the_server_stops_are_logged_before_it_stops(server_p
         assert status == 0 and "Traceback" not in err
         assert lines[-1] == "Server stopped", (attempt, lines[-3:])
         assert sum(" closed (closed)" in line for line in lines) <= len(clients)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("wait", [False, True])
+def test_counters_do_not_go_backwards_when_the_server_stops(wait):
+    """A scrape after shutdown() (wait=False: the process's exit closes the
+    sockets; wait=True: every client closed) still counts what the clients
+    that were connected sent: a Prometheus counter never goes down."""
+    with running_server() as server:
+        a, b = Peer(server.address), Peer(server.address)
+        wait_until(lambda: server.client_count == 2)
+        a.send("one\ntwo\n")
+        b.expect(f"{a.port}: one\n{a.port}: two\n")
+        before = server.stats()
+        assert before["messages_received_total"] == 2
+        server.shutdown(wait=wait)
+        after = server.stats()
+        for counter in ("messages_received_total", "received_bytes_total", "messages_relayed_total"):
+            assert after[counter] == before[counter], counter
+        a.close()
+        b.close()
 
 
 # --- 10,000 clients connected (relay core v2; issue 11) -------------------------------
