@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SERVER_SCRIPT = ROOT / "a2" / "mychatserver.py"
 
+
 def free_port(count=1):
     """The first of `count` consecutive loopback ports nothing listens on now,
     below the kernel's ephemeral range: a port that every outgoing connection
